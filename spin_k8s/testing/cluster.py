@@ -1,0 +1,246 @@
+"""Starts and stops the real test control plane: etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler and the node agent, all on 127.0.0.1 with a throwaway PKI and RBAC on.
+
+Everything lives in one directory (certificates, kubeconfigs, etcd data, logs in ``logs/``, pod working
+dirs in ``node/``). Processes are stopped by PID in reverse order, etcd last: an apiserver whose etcd is
+gone hangs on shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from spin_k8s.testing import pki, tools
+
+T = TypeVar("T")
+NODE_NAME = "spin-node-0"
+_CONTROLLERS = "*,-nodeipam,-service-lb-controller,-cloud-node-lifecycle-controller," \
+               "-persistentvolume-attach-detach-controller"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (and whose +10000 neighbour is free too)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port + 10000 < 65536:
+            with socket.socket() as s, contextlib.suppress(OSError):
+                s.bind(("127.0.0.1", port + 10000))
+                return port
+
+
+def _kubeconfig(path: Path, server: str, ca: Path, cert: pki.ClientCert, user: str) -> Path:
+    path.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters:\n- name: spin-test\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n"
+        f"users:\n- name: {user}\n  user:\n    client-certificate: {cert.cert}\n    client-key: {cert.key}\n"
+        f"contexts:\n- name: spin-test\n  context:\n    cluster: spin-test\n    user: {user}\n"
+        "current-context: spin-test\n"
+    )
+    path.chmod(0o600)
+    return path
+
+
+@dataclass
+class Process:
+    """A started server: its name, Popen handle and log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def start_process(name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None) -> Process:
+    logdir.mkdir(parents=True, exist_ok=True)
+    log = logdir / f"{name}.log"
+    with log.open("ab") as out:
+        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=env, start_new_session=True)
+    return Process(name, popen, log)
+
+
+def wait_until(what: str, check: Callable[[], T], timeout: float, procs: list[Process] | None = None,
+               retry_on: tuple[type[BaseException], ...] = (OSError, ApiException, urllib3.exceptions.HTTPError)
+               ) -> T:
+    """Poll ``check()`` until it returns something truthy and return that; the exceptions in ``retry_on``
+    count as "not yet", any other propagates. Fails at once, with the tail of its log, if one of ``procs``
+    dies meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs or []:
+            if p.popen.poll() is not None:
+                tail = p.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{p.name} exited with {p.popen.returncode} while waiting for {what}:\n{tail}")
+        try:
+            value = check()
+            if value:
+                return value
+        except retry_on:
+            pass  # not ready yet
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@dataclass
+class Cluster:
+    """A control plane and one node in ``root``. Use as a context manager, or call start() / stop()."""
+
+    root: Path
+    node_name: str = NODE_NAME
+    processes: list[Process] = field(default_factory=list)
+    apiserver_port: int = 0
+
+    @property
+    def kubeconfig(self) -> Path:
+        """The admin kubeconfig (user in system:masters) for tests and kubectl."""
+        return self.root / "admin.kubeconfig"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.apiserver_port}"
+
+    @property
+    def node_root(self) -> Path:
+        """Where the node agent keeps pod working directories and logs."""
+        return self.root / "node"
+
+    def pod_log(self, namespace: str, pod: str, container: str) -> str:
+        """A container's output as the node agent captured it."""
+        (log,) = (self.node_root / "pods").glob(f"{namespace}_{pod}_*/{container}.log")
+        return log.read_text()
+
+    def _https_ok(self, url: str, cert: pki.ClientCert | None = None, verify: bool = True) -> bool:
+        ctx = ssl.create_default_context(cafile=str(self.root / "pki" / "ca.crt"))
+        if not verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if cert:
+            ctx.load_cert_chain(cert.cert, cert.key)
+        with urllib.request.urlopen(url, context=ctx, timeout=2) as r:
+            return bool(r.status == 200)
+
+    def start(self) -> Cluster:
+        started = time.monotonic()
+        self.root.mkdir(parents=True, exist_ok=True)
+        logs = self.root / "logs"
+        ca = pki.PKI(self.root / "pki")
+        sa_key, sa_pub = ca.service_account_keys()
+        serving = ca.server("apiserver", ["localhost", "kubernetes", "kubernetes.default",
+                                          "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"])
+        admin = ca.client("admin", "spin-test-admin", "system:masters")
+        kcm = ca.client("controller-manager", "system:kube-controller-manager")
+        sched = ca.client("scheduler", "system:kube-scheduler")
+        node = ca.client("node", f"system:node:{self.node_name}", "system:nodes")
+
+        etcd_port, etcd_peer, self.apiserver_port = free_port(), free_port(), free_port()
+        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        peer_url = f"http://127.0.0.1:{etcd_peer}"
+        self.processes.append(start_process("etcd", [
+            str(tools.etcd_binary()), "--name=default", f"--data-dir={self.root / 'etcd'}",
+            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=default={peer_url}", "--unsafe-no-fsync", "--log-level=warn",
+        ], logs))
+        try:
+            self._start_control_plane(ca, etcd_url, serving, sa_key, sa_pub, admin, kcm, sched, node, logs)
+        except BaseException:
+            self.stop()
+            raise
+        print(f"cluster up in {time.monotonic() - started:.1f}s: {self.server}", file=sys.stderr)
+        return self
+
+    def _start_control_plane(self, ca: pki.PKI, etcd_url: str, serving: pki.ClientCert, sa_key: Path,
+                             sa_pub: Path, admin: pki.ClientCert, kcm: pki.ClientCert,
+                             sched: pki.ClientCert, node: pki.ClientCert, logs: Path) -> None:
+        ca_file = ca.ca_cert_path
+        wait_until("etcd", lambda: urllib.request.urlopen(f"{etcd_url}/health", timeout=1).status == 200,
+                   30, self.processes)
+        self.processes.append(start_process("kube-apiserver", [
+            str(tools.kube_binary("kube-apiserver")), f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={self.apiserver_port}",
+            f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
+            f"--client-ca-file={ca_file}", "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={sa_pub}", f"--service-account-signing-key-file={sa_key}",
+            "--service-cluster-ip-range=10.96.0.0/16", "--endpoint-reconciler-type=none",
+            "--allow-privileged=true", "--profiling=false", f"--cert-dir={self.root / 'apiserver-certs'}",
+            "--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={ca_file}",
+        ], logs))
+        wait_until("kube-apiserver /readyz", lambda: self._https_ok(f"{self.server}/readyz", admin), 60,
+                   self.processes)
+        _kubeconfig(self.kubeconfig, self.server, ca_file, admin, "admin")
+        kcm_config = _kubeconfig(self.root / "controller-manager.kubeconfig", self.server, ca_file, kcm, "kcm")
+        sched_config = _kubeconfig(self.root / "scheduler.kubeconfig", self.server, ca_file, sched, "scheduler")
+        node_config = _kubeconfig(self.root / "node.kubeconfig", self.server, ca_file, node, "node")
+        kcm_port, sched_port = free_port(), free_port()
+        self.processes.append(start_process("kube-controller-manager", [
+            str(tools.kube_binary("kube-controller-manager")), f"--kubeconfig={kcm_config}",
+            "--bind-address=127.0.0.1", f"--secure-port={kcm_port}", f"--cert-dir={self.root / 'kcm-certs'}",
+            f"--service-account-private-key-file={sa_key}", f"--root-ca-file={ca_file}",
+            "--use-service-account-credentials=true", f"--controllers={_CONTROLLERS}", "--leader-elect=false",
+            "--concurrent-job-syncs=10", "--node-monitor-grace-period=60s",
+        ], logs))
+        self.processes.append(start_process("kube-scheduler", [
+            str(tools.kube_binary("kube-scheduler")), f"--kubeconfig={sched_config}",
+            "--bind-address=127.0.0.1", f"--secure-port={sched_port}", f"--cert-dir={self.root / 'sched-certs'}",
+            "--leader-elect=false",
+        ], logs))
+        agent_env = dict(os.environ)
+        self.processes.append(start_process("node-agent", [
+            sys.executable, "-m", "spin_k8s.testing.nodeagent", f"--kubeconfig={node_config}",
+            f"--node={self.node_name}", f"--root={self.node_root}",
+            f"--apiserver-port={self.apiserver_port}", f"--ca={ca_file}",
+        ], logs, agent_env))
+        api = config.new_client_from_config(config_file=str(self.kubeconfig))
+        core = client.CoreV1Api(api)
+
+        def node_ready() -> bool:
+            conditions = core.read_node(self.node_name).status.conditions or []
+            return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+        wait_until("the node agent's Ready node", node_ready, 60, self.processes)
+        wait_until("the default ServiceAccount", lambda: core.read_namespaced_service_account("default", "default"),
+                   60, self.processes)
+        wait_until("kube-scheduler /healthz",
+                   lambda: self._https_ok(f"https://127.0.0.1:{sched_port}/healthz", verify=False), 30,
+                   self.processes)
+
+    def stop(self) -> None:
+        """Stop every process by PID, newest first, so etcd (the first) goes last."""
+        while self.processes:
+            self.processes.pop().stop()
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
