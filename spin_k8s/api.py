@@ -1,0 +1,221 @@
+"""The SpinRun API as typed values: constants of the resource, the spec parsed from an API object, and
+offline defaulting and validation from the CRD schema.
+
+The CRD (``manifests/crd/spinruns.selfplay.dev.yaml``, copied into the package as
+``spin_k8s/crd.yaml``) is the single source of truth for field names, defaults and bounds: the API server
+applies it to every object, and :func:`load_defaulted` applies the same schema offline (``spinctl --dry-run``,
+the local executor). :func:`semantic_errors` holds the checks a schema cannot express, which the controller
+turns into a Failed condition.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.resources
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+import yaml
+
+GROUP = "selfplay.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "SpinRun"
+PLURAL = "spinruns"
+MAX_NAME_LENGTH = 40
+RESUME_ANNOTATION = f"{GROUP}/resume"  # an integer bumped by `spinctl resume`: each grants a new restart budget
+
+
+@functools.cache
+def crd() -> dict[str, Any]:
+    """The SpinRun CRD as shipped in the package."""
+    text = importlib.resources.files("spin_k8s").joinpath("crd.yaml").read_text()
+    loaded: dict[str, Any] = yaml.safe_load(text)
+    return loaded
+
+
+def schema() -> dict[str, Any]:
+    """The OpenAPI v3 schema of the served version."""
+    (version,) = (v for v in crd()["spec"]["versions"] if v["name"] == VERSION)
+    result: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return result
+
+
+def _apply_defaults(node: dict[str, Any], value: Any) -> Any:
+    """Fill ``default``s the way the API server does: for absent properties of present objects."""
+    if isinstance(value, dict):
+        for name, prop in (node.get("properties") or {}).items():
+            if name not in value and "default" in prop:
+                value[name] = copy.deepcopy(prop["default"])
+            if name in value:
+                value[name] = _apply_defaults(prop, value[name])
+    elif isinstance(value, list) and "items" in node:
+        return [_apply_defaults(node["items"], v) for v in value]
+    return value
+
+
+def load_defaulted(obj: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a SpinRun object with the CRD's defaults applied."""
+    result: dict[str, Any] = _apply_defaults(schema(), copy.deepcopy(obj))
+    return result
+
+
+def schema_errors(obj: dict[str, Any]) -> list[str]:
+    """Offline schema validation, one ``field.path: message`` line per error (CEL rules excepted: they are
+    mirrored in :func:`semantic_errors`)."""
+    validator = jsonschema.Draft4Validator(schema())
+    errors = []
+    for err in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path))):
+        path = ".".join(str(p) for p in err.absolute_path) or "<root>"
+        errors.append(f"{path}: {err.message}")
+    return errors
+
+
+@dataclass(frozen=True)
+class Generation:
+    shards: int
+    gpus_per_shard: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    score_reference: bool
+
+
+@dataclass(frozen=True)
+class Training:
+    nodes: int
+    gpus_per_node: int
+    zero_stage: int
+    precision: str
+    optimizer: str
+    learning_rate: float
+    beta: float
+    loss_type: str
+    epochs: int
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    max_length: int
+    max_prompt_length: int
+    warmup_ratio: float
+    gradient_checkpointing: bool
+    checkpoint_every_steps: int
+    port: int
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The hyperparameters of one iteration after per-iteration overrides."""
+
+    learning_rate: float
+    beta: float
+    epochs: int
+
+
+@dataclass(frozen=True)
+class Storage:
+    uri: str
+    credentials_secret: str | None
+    endpoint: str | None
+    region: str
+
+
+@dataclass(frozen=True)
+class Spec:
+    model: str
+    dataset: str
+    iterations: int
+    storage: Storage
+    keep_previous: int
+    generation: Generation
+    training: Training
+    overrides: dict[int, dict[str, Any]]
+    image_generate: str
+    image_train: str
+    pull_policy: str
+    resources: dict[str, dict[str, Any]]
+    node_selector: dict[str, str]
+    tolerations: tuple[dict[str, Any], ...]
+    service_account: str | None
+    queue_name: str | None
+    suspend: bool
+    restart_limit: int
+    early_stop_accuracy: float | None
+
+    def hyper(self, iteration: int) -> Hyper:
+        o = self.overrides.get(iteration, {})
+        t = self.training
+        return Hyper(o.get("learningRate", t.learning_rate), o.get("beta", t.beta), o.get("epochs", t.epochs))
+
+
+@dataclass(frozen=True)
+class SpinRun:
+    """A SpinRun as the controller sees it: identity, parsed spec, the raw status it last wrote."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: Spec
+    status: dict[str, Any] = field(default_factory=dict)
+    resumes: int = 0
+    deleting: bool = False
+
+
+def _spec(raw: dict[str, Any]) -> Spec:
+    g, t, d = raw["generation"], raw["training"], raw["data"]
+    storage = raw["storage"]
+    images = raw["images"]
+    return Spec(
+        model=raw["model"], dataset=raw["dataset"], iterations=raw["iterations"],
+        storage=Storage(storage["uri"].rstrip("/"), storage.get("credentialsSecret"), storage.get("endpoint"),
+                        storage.get("region", "us-east-1")),
+        keep_previous=d["keepPreviousIterations"],
+        generation=Generation(g["shards"], g["gpusPerShard"], float(g["temperature"]), float(g["topP"]),
+                              g["maxTokens"], g["scoreReference"]),
+        training=Training(
+            t["nodes"], t["gpusPerNode"], t["zeroStage"], t["precision"], t["optimizer"], float(t["learningRate"]),
+            float(t["beta"]), t["lossType"], t["epochs"], t["perDeviceBatchSize"], t["gradientAccumulationSteps"],
+            t["maxLength"], t["maxPromptLength"], float(t["warmupRatio"]), t["gradientCheckpointing"],
+            t["checkpointEverySteps"], t["port"]),
+        overrides={o["iteration"]: {k: v for k, v in o.items() if k != "iteration"}
+                   for o in raw.get("iterationOverrides") or []},
+        image_generate=images["generate"], image_train=images["train"], pull_policy=images["pullPolicy"],
+        resources=dict(raw.get("resources") or {}), node_selector=dict(raw.get("nodeSelector") or {}),
+        tolerations=tuple(raw.get("tolerations") or ()), service_account=raw.get("serviceAccountName"),
+        queue_name=raw.get("queueName"), suspend=raw["suspend"], restart_limit=raw["restartLimit"],
+        early_stop_accuracy=(raw.get("earlyStop") or {}).get("minRewardAccuracy"),
+    )
+
+
+def semantic_errors(obj: dict[str, Any]) -> list[str]:
+    """The rules the CRD states in CEL, checked again here for offline use and as defence in depth."""
+    errors = []
+    name = obj.get("metadata", {}).get("name", "")
+    if len(name) > MAX_NAME_LENGTH:
+        errors.append(f"metadata.name: must be at most {MAX_NAME_LENGTH} characters (got {len(name)})")
+    spec = obj.get("spec") or {}
+    iterations = spec.get("iterations", 0)
+    for i, o in enumerate(spec.get("iterationOverrides") or []):
+        if o.get("iteration", 0) >= iterations:
+            errors.append(f"spec.iterationOverrides[{i}].iteration: must be below spec.iterations ({iterations})")
+    t = spec.get("training") or {}
+    if t.get("maxPromptLength", 0) >= t.get("maxLength", 1):
+        errors.append("spec.training.maxPromptLength: must be below spec.training.maxLength")
+    return errors
+
+
+def parse(obj: dict[str, Any]) -> SpinRun:
+    """A SpinRun from an API object (as served: defaults already applied)."""
+    meta = obj["metadata"]
+    annotations = meta.get("annotations") or {}
+    try:
+        resumes = max(0, int(annotations.get(RESUME_ANNOTATION, "0")))
+    except ValueError:
+        resumes = 0
+    return SpinRun(
+        name=meta["name"], namespace=meta.get("namespace", "default"), uid=meta.get("uid", ""),
+        generation=int(meta.get("generation", 0)), spec=_spec(obj["spec"]), status=dict(obj.get("status") or {}),
+        resumes=resumes, deleting=meta.get("deletionTimestamp") is not None,
+    )

@@ -1,0 +1,160 @@
+"""Builds the Kubernetes objects of one iteration: the generation Job, the training Job and its headless
+Service. Pure functions of the SpinRun; the worker command lines are made here and nowhere else.
+
+Generation: an Indexed Job, one pod (one vLLM engine) per shard; ``backoffLimitPerIndex`` reruns a failed
+shard alone and ``maxFailedIndexes: 0`` fails the Job once a shard has used up its retries.
+Training: an Indexed Job, one pod per node, run by torchrun with node rank = completion index and the
+master = pod 0 through the headless Service. ``backoffLimit: 0``: one failed pod fails the gang, and the
+controller recreates the whole gang (a new attempt) from its last DeepSpeed checkpoint.
+Disruptions (preemption, node drain) never count as failures (``podFailurePolicy``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spin_k8s import api, naming
+
+_DISRUPTION_IGNORED = {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
+
+
+def _owner(run: api.SpinRun) -> dict[str, Any]:
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": run.name, "uid": run.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(run: api.SpinRun, name: str, iteration: int, role: str, attempt: int) -> dict[str, Any]:
+    labels = naming.labels(run.name, run.uid, iteration, role, attempt)
+    if run.spec.queue_name:
+        labels[naming.LABEL_KUEUE_QUEUE] = run.spec.queue_name
+    return {"name": name, "namespace": run.namespace, "labels": labels, "ownerReferences": [_owner(run)]}
+
+
+def _env(run: api.SpinRun, cpu: bool) -> list[dict[str, Any]]:
+    """Where the workers find S3. Credentials come from the user's Secret (envFrom), never from here."""
+    storage = run.spec.storage
+    env = [{"name": "AWS_DEFAULT_REGION", "value": storage.region}]
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": storage.endpoint})
+    if cpu:
+        env += [{"name": "DS_ACCELERATOR", "value": "cpu"}, {"name": "OMP_NUM_THREADS", "value": "1"}]
+    return env
+
+
+def _container(run: api.SpinRun, name: str, image: str, command: list[str], gpus: int) -> dict[str, Any]:
+    resources: dict[str, Any] = {k: dict(v) for k, v in run.spec.resources.get(name, {}).items()}
+    if gpus:
+        resources.setdefault("limits", {})["nvidia.com/gpu"] = str(gpus)
+    container: dict[str, Any] = {
+        "name": name, "image": image, "imagePullPolicy": run.spec.pull_policy,
+        "command": command[:1], "args": command[1:], "env": _env(run, cpu=gpus == 0), "resources": resources,
+    }
+    if run.spec.storage.credentials_secret:
+        container["envFrom"] = [{"secretRef": {"name": run.spec.storage.credentials_secret}}]
+    return container
+
+
+def _pod_spec(run: api.SpinRun, container: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    if run.spec.service_account:
+        spec["serviceAccountName"] = run.spec.service_account
+    if run.spec.node_selector:
+        spec["nodeSelector"] = dict(run.spec.node_selector)
+    if run.spec.tolerations:
+        spec["tolerations"] = [dict(t) for t in run.spec.tolerations]
+    return spec
+
+
+def model_for(run: api.SpinRun, prefix: str, iteration: int) -> str:
+    """The opponent of an iteration: the base model first, then the previous iteration's output."""
+    return run.spec.model if iteration == 0 else naming.model_uri(prefix, iteration - 1)
+
+
+def generate_command(run: api.SpinRun, prefix: str, iteration: int) -> list[str]:
+    g, t = run.spec.generation, run.spec.training
+    command = [
+        "python", "-m", "spin_k8s.workers.generate",
+        "--model", model_for(run, prefix, iteration), "--data", run.spec.dataset,
+        "--output", naming.synthetic_uri(prefix, iteration), "--num-shards", str(g.shards),
+        "--run-name", run.name, "--iteration", str(iteration),
+        "--temperature", repr(g.temperature), "--top-p", repr(g.top_p), "--max-tokens", str(g.max_tokens),
+        "--max-prompt-length", str(t.max_prompt_length), "--max-length", str(t.max_length),
+    ]
+    if g.score_reference:
+        command.append("--score-reference")
+    return command
+
+
+def train_command(run: api.SpinRun, prefix: str, iteration: int, attempt: int) -> list[str]:
+    t = run.spec.training
+    hyper = run.spec.hyper(iteration)
+    job = naming.job_name(run.name, iteration, naming.TRAIN, attempt)
+    service = naming.service_name(run.name, iteration)
+    first = max(0, iteration - run.spec.keep_previous)
+    synthetic = [f"--synthetic={i}={naming.synthetic_uri(prefix, i)}" for i in range(first, iteration + 1)]
+    return [
+        "torchrun", f"--nnodes={t.nodes}", f"--nproc-per-node={max(1, t.gpus_per_node)}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)", f"--master-addr={job}-0.{service}", f"--master-port={t.port}",
+        "-m", "spin_k8s.workers.train",
+        "--model", model_for(run, prefix, iteration), *synthetic,
+        "--iteration", str(iteration), "--keep-previous", str(run.spec.keep_previous),
+        "--output", naming.model_uri(prefix, iteration),
+        "--checkpoint-dir", naming.checkpoint_uri(prefix, iteration),
+        "--checkpoint-every", str(t.checkpoint_every_steps),
+        "--zero-stage", str(t.zero_stage), "--precision", t.precision, "--optimizer", t.optimizer,
+        "--learning-rate", repr(hyper.learning_rate), "--beta", repr(hyper.beta), "--loss-type", t.loss_type,
+        "--epochs", str(hyper.epochs), "--warmup-ratio", repr(t.warmup_ratio),
+        "--micro-batch-size", str(t.per_device_batch_size),
+        "--gradient-accumulation-steps", str(t.gradient_accumulation_steps),
+        "--max-length", str(t.max_length), "--max-prompt-length", str(t.max_prompt_length),
+        "--gradient-checkpointing" if t.gradient_checkpointing else "--no-gradient-checkpointing",
+        "--reference", "precomputed",
+    ]
+
+
+def generate_job(run: api.SpinRun, prefix: str, iteration: int) -> dict[str, Any]:
+    name = naming.job_name(run.name, iteration, naming.GENERATE)
+    meta = _metadata(run, name, iteration, naming.GENERATE, 0)
+    shards = run.spec.generation.shards
+    container = _container(run, naming.GENERATE, run.spec.image_generate, generate_command(run, prefix, iteration),
+                           run.spec.generation.gpus_per_shard)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+        "spec": {
+            "completionMode": "Indexed", "completions": shards, "parallelism": shards,
+            "backoffLimitPerIndex": run.spec.restart_limit, "maxFailedIndexes": 0,
+            "podFailurePolicy": _DISRUPTION_IGNORED, "suspend": bool(run.spec.queue_name),
+            "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": _pod_spec(run, container)},
+        },
+    }
+
+
+def train_job(run: api.SpinRun, prefix: str, iteration: int, attempt: int) -> dict[str, Any]:
+    name = naming.job_name(run.name, iteration, naming.TRAIN, attempt)
+    meta = _metadata(run, name, iteration, naming.TRAIN, attempt)
+    nodes = run.spec.training.nodes
+    container = _container(run, naming.TRAIN, run.spec.image_train, train_command(run, prefix, iteration, attempt),
+                           run.spec.training.gpus_per_node)
+    container["ports"] = [{"name": "rendezvous", "containerPort": run.spec.training.port}]
+    pod_spec = _pod_spec(run, container)
+    pod_spec["subdomain"] = naming.service_name(run.name, iteration)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+        "spec": {
+            "completionMode": "Indexed", "completions": nodes, "parallelism": nodes, "backoffLimit": 0,
+            "podFailurePolicy": _DISRUPTION_IGNORED, "suspend": bool(run.spec.queue_name),
+            "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod_spec},
+        },
+    }
+
+
+def train_service(run: api.SpinRun, iteration: int) -> dict[str, Any]:
+    name = naming.service_name(run.name, iteration)
+    meta = _metadata(run, name, iteration, naming.TRAIN, 0)
+    selector = {naming.LABEL_RUN_UID: run.uid, naming.LABEL_ITERATION: str(iteration),
+                naming.LABEL_ROLE: naming.TRAIN}
+    return {
+        "apiVersion": "v1", "kind": "Service", "metadata": meta,
+        "spec": {"clusterIP": "None", "selector": selector, "publishNotReadyAddresses": True,
+                 "ports": [{"name": "rendezvous", "port": run.spec.training.port}]},
+    }

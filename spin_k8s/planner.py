@@ -1,0 +1,282 @@
+"""The pure planner: from what the controller observed (the SpinRun, its Jobs, its lineage) to what to do
+(actions, each safe to repeat) and the status to write. No I/O, no clock: ``now`` is an argument.
+
+The run advances step by step through ``(iteration, generate)``, ``(iteration, train)``. A step is done
+when its lineage record exists; a record is written (by a RecordStep action, before the status that
+reports it) once the step's Job is Complete and its outputs were read. One plan may finish a step and
+start the next, so a Job turning Complete leads to the next Job in a single reconcile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from spin_k8s import api, manifests, naming
+
+JobState = Literal["active", "complete", "failed", "suspended"]
+
+# Phases shown by `kubectl get spinruns`.
+PENDING, GENERATING, TRAINING, SUCCEEDED, FAILED, SUSPENDED = (
+    "Pending", "Generating", "Training", "Succeeded", "Failed", "Suspended")
+
+
+@dataclass(frozen=True)
+class JobView:
+    """One child Job, reduced to what decisions need."""
+
+    name: str
+    uid: str
+    iteration: int
+    role: str
+    attempt: int
+    state: JobState
+    succeeded: int = 0
+    failed: int = 0
+    reason: str = ""
+    message: str = ""
+    started: str | None = None
+    finished: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The run's Jobs and Services, sorted into buckets once."""
+
+    jobs: tuple[JobView, ...] = ()
+    services: frozenset[str] = frozenset()
+
+    def attempts(self, iteration: int, role: str) -> list[JobView]:
+        return sorted((j for j in self.jobs if j.iteration == iteration and j.role == role), key=lambda j: j.attempt)
+
+    def active(self) -> list[JobView]:
+        return [j for j in self.jobs if j.state == "active"]
+
+    def suspended(self) -> list[JobView]:
+        return [j for j in self.jobs if j.state == "suspended"]
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """The run's lineage as read from storage.
+
+    ``steps``: the recorded steps. ``outputs``: for each Complete Job whose step is not recorded yet, what its
+    worker left in storage (None when nothing readable is there). ``error``: storage could not be read.
+    """
+
+    steps: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
+    outputs: dict[tuple[int, str], dict[str, Any] | None] = field(default_factory=dict)
+    error: str | None = None
+
+
+# -- actions: small values; apply.py carries them out ---------------------------------------------------
+@dataclass(frozen=True)
+class CreateJob:
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CreateService:
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SuspendJob:
+    name: str
+    suspend: bool
+
+
+@dataclass(frozen=True)
+class RecordStep:
+    """Write a step's lineage record (once) and add it to the run manifest."""
+
+    iteration: int
+    role: str
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+Action = CreateJob | CreateService | SuspendJob | RecordStep
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    status: dict[str, Any]
+    events: tuple[Event, ...] = ()
+
+
+def _condition(old: list[dict[str, Any]], ctype: str, status: bool, reason: str, message: str, generation: int,
+               now: str) -> dict[str, Any]:
+    """A condition in the Kubernetes shape; lastTransitionTime moves only when status flips."""
+    value = "True" if status else "False"
+    prev = next((c for c in old if c.get("type") == ctype), None)
+    since = prev["lastTransitionTime"] if prev and prev.get("status") == value and "lastTransitionTime" in prev else now
+    return {"type": ctype, "status": value, "reason": reason, "message": message,
+            "lastTransitionTime": since, "observedGeneration": generation}
+
+
+@dataclass
+class _Progress:
+    """Mutable scratch of one planning pass (local to plan())."""
+
+    phase: str = PENDING
+    iteration: int = 0
+    reason: str = ""
+    message: str = ""
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+def generate_record(run: api.SpinRun, prefix: str, job: JobView, output: dict[str, Any]) -> dict[str, Any]:
+    t = job.iteration
+    return {"iteration": t, "role": naming.GENERATE, "job": job.name, "jobUid": job.uid, "attempt": job.attempt,
+            "model": manifests.model_for(run, prefix, t), "dataset": run.spec.dataset,
+            "output": naming.synthetic_uri(prefix, t), "started": job.started, "finished": job.finished,
+            "config": {"shards": run.spec.generation.shards, "temperature": run.spec.generation.temperature,
+                       "topP": run.spec.generation.top_p, "maxTokens": run.spec.generation.max_tokens,
+                       "scoreReference": run.spec.generation.score_reference},
+            **output}
+
+
+def train_record(run: api.SpinRun, prefix: str, job: JobView, output: dict[str, Any]) -> dict[str, Any]:
+    t = job.iteration
+    hyper = run.spec.hyper(t)
+    first = max(0, t - run.spec.keep_previous)
+    return {"iteration": t, "role": naming.TRAIN, "job": job.name, "jobUid": job.uid, "restarts": job.attempt,
+            "model": manifests.model_for(run, prefix, t), "checkpoint": naming.model_uri(prefix, t),
+            "dataMix": [naming.synthetic_uri(prefix, i) for i in range(first, t + 1)],
+            "started": job.started, "finished": job.finished,
+            "config": {"learningRate": hyper.learning_rate, "beta": hyper.beta, "epochs": hyper.epochs,
+                       "nodes": run.spec.training.nodes, "gpusPerNode": run.spec.training.gpus_per_node,
+                       "zeroStage": run.spec.training.zero_stage, "precision": run.spec.training.precision,
+                       "optimizer": run.spec.training.optimizer, "lossType": run.spec.training.loss_type},
+            **output}
+
+
+def _step(run: api.SpinRun, prefix: str, obs: Observed, lineage: Lineage, t: int, role: str,
+          p: _Progress) -> bool:
+    """Plan one step; True when it is done (recorded now or before) and the next step may be planned."""
+    if (t, role) in lineage.steps:
+        return True
+    p.phase = GENERATING if role == naming.GENERATE else TRAINING
+    p.iteration = t
+    attempts = obs.attempts(t, role)
+    # Generation retries failed shards inside its Job; training restarts the whole gang. Each `spinctl resume`
+    # grants the same budget again.
+    per_grant = 1 if role == naming.GENERATE else run.spec.restart_limit + 1
+    allowed = per_grant * (run.resumes + 1)
+    latest = attempts[-1] if attempts else None
+    if role == naming.TRAIN and naming.service_name(run.name, t) not in obs.services:
+        p.actions.append(CreateService(manifests.train_service(run, t)))
+    if latest is None or (latest.state == "failed" and len(attempts) < allowed):
+        attempt = len(attempts)
+        if role == naming.GENERATE:
+            body = manifests.generate_job(run, prefix, t)
+            if attempt:
+                body["metadata"]["name"] = naming.job_name(run.name, t, role, attempt)
+                body["metadata"]["labels"][naming.LABEL_ATTEMPT] = str(attempt)
+        else:
+            body = manifests.train_job(run, prefix, t, attempt)
+        p.actions.append(CreateJob(body))
+        if latest is not None:
+            p.events.append(Event("Warning", "Restarted", f"{latest.name} failed ({latest.reason}); "
+                                  f"started {body['metadata']['name']}, attempt {attempt + 1} of {allowed}"))
+        return False
+    if latest.state == "failed":
+        p.phase, p.reason = FAILED, ("GenerationFailed" if role == naming.GENERATE else "TrainingRestartsExhausted")
+        p.message = (f"{latest.name} failed after {len(attempts)} attempt(s): {latest.reason} {latest.message}"
+                     .strip() + "; `spinctl resume` grants another round")
+        return False
+    if latest.state != "complete":
+        return False
+    output = lineage.outputs.get((t, role))
+    if output is None:
+        p.phase, p.reason = FAILED, "OutputMissing"
+        p.message = f"{latest.name} completed but its output in storage is missing or unreadable"
+        return False
+    record = (generate_record if role == naming.GENERATE else train_record)(run, prefix, latest, output)
+    p.actions.append(RecordStep(t, role, record))
+    return True
+
+
+def plan(run: api.SpinRun, obs: Observed, lineage: Lineage, now: str, invalid: str | None = None) -> Plan:
+    """Decide the next actions and the status for one SpinRun."""
+    prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
+    old = list(run.status.get("conditions") or [])
+    p = _Progress(phase=run.status.get("phase") or PENDING, iteration=int(run.status.get("iteration") or 0))
+    storage_ok = True
+    if invalid:
+        p.phase, p.reason, p.message = FAILED, "InvalidSpec", invalid
+    elif lineage.error:
+        storage_ok = False
+        p.reason, p.message = "StorageUnavailable", lineage.error
+    elif run.spec.suspend:
+        p.phase, p.reason, p.message = SUSPENDED, "Suspended", "spec.suspend is true: no Job runs"
+        p.actions += [SuspendJob(j.name, True) for j in obs.active()]
+    else:
+        if not run.spec.queue_name:  # with Kueue, Kueue decides when a Job runs
+            p.actions += [SuspendJob(j.name, False) for j in obs.suspended()]
+        p.reason = p.message = ""
+        finished = True
+        for t in range(run.spec.iterations):
+            if not (_step(run, prefix, obs, lineage, t, naming.GENERATE, p)
+                    and _step(run, prefix, obs, lineage, t, naming.TRAIN, p)):
+                finished = False
+                break
+        if finished:
+            p.phase, p.iteration = SUCCEEDED, run.spec.iterations - 1
+            p.reason, p.message = "Completed", f"{run.spec.iterations} iteration(s) trained"
+
+    gen = run.generation
+    terminal = p.phase in (SUCCEEDED, FAILED)
+    conditions = [
+        _condition(old, "Progressing", not terminal and p.phase != SUSPENDED and storage_ok, p.reason or p.phase,
+                   p.message or f"iteration {p.iteration}: {p.phase}", gen, now),
+        _condition(old, "Succeeded", p.phase == SUCCEEDED, p.reason or p.phase, p.message, gen, now),
+        _condition(old, "Failed", p.phase == FAILED, p.reason or p.phase, p.message, gen, now),
+        _condition(old, "Suspended", p.phase == SUSPENDED, p.reason or p.phase, p.message, gen, now),
+        _condition(old, "StorageAvailable", storage_ok, "StorageUnavailable" if not storage_ok else "Reachable",
+                   lineage.error or "", gen, now),
+    ]
+    steps = dict(lineage.steps)
+    steps.update({(a.iteration, a.role): a.record for a in p.actions if isinstance(a, RecordStep)})
+    status = {
+        "observedGeneration": gen, "phase": p.phase, "iteration": p.iteration, "reason": p.reason,
+        "manifest": naming.manifest_uri(prefix), "conditions": conditions,
+        "iterations": _iterations(run, obs, steps, p.iteration),
+    }
+    events = list(p.events)
+    if p.phase != run.status.get("phase"):
+        kind: Literal["Normal", "Warning"] = "Warning" if p.phase == FAILED else "Normal"
+        events.append(Event(kind, p.phase, p.message or f"iteration {p.iteration}: {p.phase}"))
+    return Plan(tuple(p.actions), status, tuple(events))
+
+
+def _iterations(run: api.SpinRun, obs: Observed, steps: dict[tuple[int, str], dict[str, Any]],
+                current: int) -> list[dict[str, Any]]:
+    """The per-iteration summary in status: Jobs, times, restarts, key metrics, checkpoint."""
+    summary = []
+    for t in range(min(current, run.spec.iterations - 1) + 1):
+        gen, train = obs.attempts(t, naming.GENERATE), obs.attempts(t, naming.TRAIN)
+        rec_gen, rec_train = steps.get((t, naming.GENERATE)), steps.get((t, naming.TRAIN))
+        item: dict[str, Any] = {"iteration": t}
+        if gen or rec_gen:
+            item["generateJob"] = gen[-1].name if gen else (rec_gen or {}).get("job")
+            item["startTime"] = (rec_gen or {}).get("started") or (gen[0].started if gen else None)
+        if train or rec_train:
+            item["trainJob"] = train[-1].name if train else (rec_train or {}).get("job")
+            item["restarts"] = max(0, len(train) - 1) if train else (rec_train or {}).get("restarts", 0)
+        if rec_train:
+            item["completionTime"] = rec_train.get("finished")
+            item["checkpoint"] = rec_train.get("checkpoint")
+            item["metrics"] = {k: v for k, v in (rec_train.get("metrics") or {}).items()
+                               if isinstance(v, int | float)}
+        summary.append({k: v for k, v in item.items() if v is not None})
+    return summary

@@ -1,0 +1,156 @@
+"""Table tests of the pure planner: given what was observed, the exact actions and status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from spin_k8s import api, naming, planner
+from spin_k8s.planner import CreateJob, CreateService, Lineage, Observed, RecordStep, SuspendJob
+
+NOW = "2026-11-26T00:00:00Z"
+
+
+def make_run(status: dict[str, Any] | None = None, resumes: int = 0, **spec: Any) -> api.SpinRun:
+    obj = {"apiVersion": api.API_VERSION, "kind": api.KIND,
+           "metadata": {"name": "demo", "namespace": "ns", "uid": "u-1", "generation": 3,
+                        "annotations": {api.RESUME_ANNOTATION: str(resumes)}},
+           "spec": {"model": "s3://b/base", "dataset": "s3://b/sft.jsonl", "iterations": 2,
+                    "storage": {"uri": "s3://b/spin"}, "restartLimit": 1, **spec},
+           "status": status or {}}
+    return api.parse(api.load_defaulted(obj))
+
+
+def job(iteration: int, role: str, state: planner.JobState, attempt: int = 0) -> planner.JobView:
+    return planner.JobView(naming.job_name("demo", iteration, role, attempt), f"uid-{iteration}-{role}-{attempt}",
+                           iteration, role, attempt, state, started="t0", finished="t1" if state != "active" else None)
+
+
+GEN, TRAIN = naming.GENERATE, naming.TRAIN
+SVC0 = frozenset({naming.service_name("demo", 0)})
+
+
+
+def created(plan: planner.Plan) -> list[str]:
+    return [a.body["metadata"]["name"] for a in plan.actions if isinstance(a, CreateJob | CreateService)]
+
+
+def test_new_run_starts_generation_of_iteration_0() -> None:
+    p = planner.plan(make_run(), Observed(), Lineage(), NOW)
+    assert created(p) == ["demo-i0-gen"]
+    assert (p.status["phase"], p.status["iteration"]) == ("Generating", 0)
+    assert p.status["manifest"] == "s3://b/spin/ns/demo/u-1/manifest.json"
+    assert [e.reason for e in p.events] == ["Generating"]
+
+
+def test_active_generation_waits() -> None:
+    run = make_run(status={"phase": "Generating"})
+    p = planner.plan(run, Observed((job(0, GEN, "active"),)), Lineage(), NOW)
+    assert p.actions == ()
+    assert p.events == ()  # no phase change, no event
+
+
+def test_completed_generation_is_recorded_then_training_starts_in_the_same_plan() -> None:
+    obs = Observed((job(0, GEN, "complete"),))
+    p = planner.plan(make_run(), obs, Lineage(outputs={(0, GEN): {"shards": ["x"]}}), NOW)
+    assert isinstance(p.actions[0], RecordStep)
+    assert (p.actions[0].iteration, p.actions[0].role, p.actions[0].record["shards"]) == (0, GEN, ["x"])
+    assert created(p) == ["demo-i0-train", "demo-i0-train"]  # the headless Service, then the Job
+    assert isinstance(p.actions[1], CreateService)
+    assert p.status["phase"] == "Training"
+
+
+def test_failed_gang_restarts_as_a_new_attempt_then_exhausts() -> None:
+    lineage = Lineage(steps={(0, GEN): {"job": "demo-i0-gen"}})
+    obs = Observed((job(0, GEN, "complete"), job(0, TRAIN, "failed")), SVC0)
+    p = planner.plan(make_run(), obs, lineage, NOW)
+    assert created(p) == ["demo-i0-train-r1"]
+    assert [e.reason for e in p.events] == ["Restarted", "Training"]
+
+    obs = Observed((*obs.jobs, job(0, TRAIN, "failed", attempt=1)), SVC0)  # restartLimit 1: 2 attempts
+    p = planner.plan(make_run(status={"phase": "Training"}), obs, lineage, NOW)
+    assert p.actions == ()
+    assert (p.status["phase"], p.status["reason"]) == ("Failed", "TrainingRestartsExhausted")
+    failed = next(c for c in p.status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and "spinctl resume" in failed["message"]
+
+    p = planner.plan(make_run(status={"phase": "Failed"}, resumes=1), obs, lineage, NOW)
+    assert created(p) == ["demo-i0-train-r2"]
+
+
+def test_failed_generation_fails_the_run_until_resumed() -> None:
+    obs = Observed((job(0, GEN, "failed"),))
+    p = planner.plan(make_run(), obs, Lineage(), NOW)
+    assert (p.status["phase"], p.status["reason"], p.actions) == ("Failed", "GenerationFailed", ())
+    p = planner.plan(make_run(resumes=1), obs, Lineage(), NOW)
+    assert created(p) == ["demo-i0-gen-r1"]
+
+
+def test_second_iteration_uses_first_model_and_mixes_previous_synthetic_set() -> None:
+    steps = {(0, GEN): {}, (0, TRAIN): {"metrics": {}}, (1, GEN): {}}
+    p = planner.plan(make_run(), Observed(services=SVC0), Lineage(steps=steps), NOW)
+    train = [a.body for a in p.actions if isinstance(a, CreateJob)][0]
+    args = train["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "s3://b/spin/ns/demo/u-1/i0/model"
+    assert [a for a in args if a.startswith("--synthetic=")] == [
+        "--synthetic=0=s3://b/spin/ns/demo/u-1/i0/synthetic", "--synthetic=1=s3://b/spin/ns/demo/u-1/i1/synthetic"]
+
+
+def test_all_iterations_recorded_means_succeeded() -> None:
+    steps = {(t, r): {"metrics": {"loss": 0.1}, "finished": "t", "checkpoint": f"c{t}"}
+             for t in (0, 1) for r in (GEN, TRAIN)}
+    p = planner.plan(make_run(status={"phase": "Training"}), Observed(), Lineage(steps=steps), NOW)
+    assert (p.status["phase"], p.status["iteration"], p.actions) == ("Succeeded", 1, ())
+    assert [i["checkpoint"] for i in p.status["iterations"]] == ["c0", "c1"]
+    assert p.status["iterations"][1]["metrics"] == {"loss": 0.1}
+
+
+def test_suspend_suspends_active_jobs_and_resume_unsuspends() -> None:
+    p = planner.plan(make_run(suspend=True), Observed((job(0, GEN, "active"),)), Lineage(), NOW)
+    assert p.actions == (SuspendJob("demo-i0-gen", True),)
+    assert p.status["phase"] == "Suspended"
+    p = planner.plan(make_run(), Observed((job(0, GEN, "suspended"),)), Lineage(), NOW)
+    assert SuspendJob("demo-i0-gen", False) in p.actions
+    assert created(p) == []
+
+
+def test_storage_outage_keeps_phase_and_says_why() -> None:
+    run = make_run(status={"phase": "Training", "iteration": 1})
+    p = planner.plan(run, Observed(), Lineage(error="S3 unreachable: timeout"), NOW)
+    assert p.actions == ()
+    assert (p.status["phase"], p.status["iteration"]) == ("Training", 1)
+    storage = next(c for c in p.status["conditions"] if c["type"] == "StorageAvailable")
+    assert (storage["status"], storage["message"]) == ("False", "S3 unreachable: timeout")
+
+
+def test_complete_job_without_output_fails_clearly() -> None:
+    p = planner.plan(make_run(), Observed((job(0, GEN, "complete"),)), Lineage(outputs={(0, GEN): None}), NOW)
+    assert (p.status["phase"], p.status["reason"]) == ("Failed", "OutputMissing")
+
+
+def test_invalid_spec_creates_nothing() -> None:
+    p = planner.plan(make_run(), Observed(), Lineage(), NOW, invalid="spec.training.maxLength: too small")
+    assert p.actions == ()
+    assert (p.status["phase"], p.status["reason"]) == ("Failed", "InvalidSpec")
+
+
+def test_last_transition_time_moves_only_when_status_flips() -> None:
+    first = planner.plan(make_run(), Observed(), Lineage(), NOW)
+    again = planner.plan(make_run(status=first.status), Observed((job(0, GEN, "active"),)), Lineage(),
+                         "2026-11-27T00:00:00Z")
+    assert again.status["conditions"] == first.status["conditions"]
+
+
+@pytest.mark.parametrize("attempt", [0, 3])
+def test_planning_is_deterministic(attempt: int) -> None:
+    obs = Observed(tuple(job(0, TRAIN, "failed", a) for a in range(attempt)) + (job(0, GEN, "complete"),), SVC0)
+    lineage = Lineage(steps={(0, GEN): {}})
+    assert planner.plan(make_run(), obs, lineage, NOW) == planner.plan(make_run(), obs, lineage, NOW)
+
+
+def test_kueue_queue_label_and_created_suspended() -> None:
+    p = planner.plan(make_run(queueName="team-a"), Observed(), Lineage(), NOW)
+    body = next(a.body for a in p.actions if isinstance(a, CreateJob))
+    assert body["metadata"]["labels"][naming.LABEL_KUEUE_QUEUE] == "team-a"
+    assert body["spec"]["suspend"] is True
