@@ -1,0 +1,142 @@
+"""Iteration lineage: what each step of a run consumed and produced, kept in object storage.
+
+Layout under the run's prefix (``naming.run_prefix``): ``steps/i{t}-{role}.json``, each written once
+(``If-None-Match: *``), and ``manifest.json``, the run's aggregate (spec, code version, every recorded
+step), updated by compare-and-swap on its ETag (``If-Match``). A writer that loses the race (412, 409, or
+404 where the object vanished) re-reads and retries. A crash between the step write and the manifest update
+replays harmlessly: the step record is found already there and the manifest catches up.
+
+Stores: :class:`S3Store` (boto3 client given by the caller: each run has its own credentials) and
+:class:`FileStore` (local directory, same interface) for local runs and tests of pure logic.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import spin_k8s
+from spin_k8s import naming
+
+_CAS_ATTEMPTS = 20
+
+
+class Store(Protocol):
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        """The object and its ETag, or None when absent."""
+
+    def put(self, key: str, data: bytes, *, etag: str | None) -> bool:
+        """Write only if the object's ETag is ``etag`` (``None``: only if absent). False: lost the race."""
+
+
+@dataclass(frozen=True)
+class S3Store:
+    client: Any
+    bucket: str
+    prefix: str
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}".lstrip("/")
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return obj["Body"].read(), str(obj["ETag"])
+
+    def put(self, key: str, data: bytes, *, etag: str | None) -> bool:
+        condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                   ContentType="application/json", **condition)
+        except self.client.exceptions.ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (409, 412, 404):
+                return False
+            raise
+        return True
+
+
+@dataclass(frozen=True)
+class FileStore:
+    root: Path
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = (self.root / key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put(self, key: str, data: bytes, *, etag: str | None) -> bool:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the compare and the swap happen under one lock
+            current = self.get(key)
+            if (current is None) != (etag is None) or (current is not None and current[1] != etag):
+                return False
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        return True
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _dump(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, indent=2, sort_keys=True).encode()
+
+
+def step_key(iteration: int, role: str) -> str:
+    return naming.step_uri("", iteration, role).lstrip("/")
+
+
+MANIFEST_KEY = "manifest.json"
+
+
+def load(store: Store) -> dict[tuple[int, str], dict[str, Any]]:
+    """The recorded steps, from the manifest (one read)."""
+    got = store.get(MANIFEST_KEY)
+    if got is None:
+        return {}
+    manifest = json.loads(got[0])
+    return {(int(t), role): rec for t, roles in manifest.get("iterations", {}).items() for role, rec in roles.items()}
+
+
+def record_step(store: Store, run: dict[str, Any], spec: dict[str, Any], iteration: int, role: str,
+                record: dict[str, Any]) -> None:
+    """Write a step's record once, then add it to the manifest by compare-and-swap."""
+    record = {**record, "recorded": _now()}
+    key = step_key(iteration, role)
+    if not store.put(key, _dump(record), etag=None):
+        existing = store.get(key)
+        if existing is not None:  # written by an earlier attempt that crashed before the manifest update
+            record = json.loads(existing[0])
+    for _ in range(_CAS_ATTEMPTS):
+        got = store.get(MANIFEST_KEY)
+        if got is None:
+            manifest: dict[str, Any] = {"run": run, "spec": spec, "codeVersion": spin_k8s.__version__,
+                                        "created": _now(), "iterations": {}}
+            etag = None
+        else:
+            manifest, etag = json.loads(got[0]), got[1]
+        roles = manifest["iterations"].setdefault(str(iteration), {})
+        if roles.get(role) == record:
+            return
+        roles[role] = record
+        manifest["updated"] = _now()
+        if store.put(MANIFEST_KEY, _dump(manifest), etag=etag):
+            return
+    raise RuntimeError(f"lineage manifest: lost the compare-and-swap race {_CAS_ATTEMPTS} times")
