@@ -276,7 +276,8 @@ def _iterations(run: api.SpinRun, obs: Observed, steps: dict[tuple[int, str], di
         if rec_train:
             item["completionTime"] = rec_train.get("finished")
             item["checkpoint"] = rec_train.get("checkpoint")
-            item["metrics"] = {k: v for k, v in (rec_train.get("metrics") or {}).items()
-                               if isinstance(v, int | float)}
+            metrics = rec_train.get("metrics") or {}
+            final = metrics.get("final", metrics)  # the training worker's last-step metrics
+            item["metrics"] = {k: v for k, v in final.items() if isinstance(v, int | float)}
         summary.append({k: v for k, v in item.items() if v is not None})
     return summary

@@ -214,7 +214,8 @@ class Cluster:
             "--bind-address=127.0.0.1", f"--secure-port={sched_port}", f"--cert-dir={self.root / 'sched-certs'}",
             "--leader-elect=false",
         ], logs))
-        agent_env = dict(os.environ)
+        # Pods find this interpreter's tools (python, torchrun) first, as an image would ship them.
+        agent_env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         self.processes.append(start_process("node-agent", [
             sys.executable, "-m", "spin_k8s.testing.nodeagent", f"--kubeconfig={node_config}",
             f"--node={self.node_name}", f"--root={self.node_root}",

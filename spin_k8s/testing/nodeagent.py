@@ -565,7 +565,17 @@ def _service_account_kubeconfig(agent: NodeAgent, ca: Path) -> Any:
             audiences=[], expiration_seconds=24 * 3600,
             bound_object_ref=client.V1BoundObjectReference(kind="Pod", api_version="v1",
                                                            name=pod.metadata.name, uid=pod.metadata.uid)))
-        token = agent.core.create_namespaced_service_account_token(sa, pod.metadata.namespace, request).status.token
+        for attempt in range(50):
+            try:
+                response = agent.core.create_namespaced_service_account_token(sa, pod.metadata.namespace, request)
+                break
+            except ApiException as e:
+                # The Node authorizer learns of a new binding a moment after the pod reaches us, as a kubelet
+                # also finds: until then the request is refused, so wait as the kubelet does.
+                if e.status != 403 or attempt == 49:
+                    raise
+                time.sleep(0.1)
+        token = response.status.token
         path = runner.dir / "serviceaccount.kubeconfig"
         server = f"https://127.0.0.1:{agent.apiserver_port}"
         path.write_text(

@@ -1,0 +1,244 @@
+"""The controller process: leader election, watches that only enqueue run keys, a deduplicating work
+queue with per-key backoff, a periodic resync, and ``python -m spin_k8s.controller``.
+
+Watches relist on 410 Gone. Only the leader (a coordination.k8s.io Lease) reconciles, so two replicas are
+safe; a new leader needs no hand-over: everything it needs is in the API server and in lineage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import heapq
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+from spin_k8s import api, naming
+from spin_k8s.controller.reconcile import Kube, Reconciler
+
+log = logging.getLogger("spin_k8s.controller")
+Key = tuple[str, str]
+
+
+class WorkQueue:
+    """Keys waiting for a reconcile, each at most once, each at its own due time."""
+
+    def __init__(self) -> None:
+        self._due: dict[Key, float] = {}
+        self._heap: list[tuple[float, Key]] = []
+        self._cv = threading.Condition()
+
+    def add(self, key: Key, delay: float = 0.0) -> None:
+        due = time.monotonic() + delay
+        with self._cv:
+            if key in self._due and self._due[key] <= due:
+                return
+            self._due[key] = due
+            heapq.heappush(self._heap, (due, key))
+            self._cv.notify()
+
+    def get(self, stop: threading.Event) -> Key | None:
+        with self._cv:
+            while not stop.is_set():
+                while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:
+                    heapq.heappop(self._heap)  # superseded entry
+                wait = self._heap[0][0] - time.monotonic() if self._heap else 1.0
+                if self._heap and wait <= 0:
+                    _, key = heapq.heappop(self._heap)
+                    del self._due[key]
+                    return key
+                self._cv.wait(min(wait, 1.0))
+        return None
+
+
+class LeaderElector:
+    """A coordination.k8s.io Lease held by one replica at a time."""
+
+    def __init__(self, api_client: client.ApiClient, namespace: str, name: str, identity: str,
+                 lease_seconds: int = 15) -> None:
+        self.leases = client.CoordinationV1Api(api_client)
+        self.namespace, self.name, self.identity, self.lease_seconds = namespace, name, identity, lease_seconds
+
+    @staticmethod
+    def _stamp(t: datetime.datetime) -> str:
+        return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def try_acquire(self) -> bool:
+        now = datetime.datetime.now(datetime.UTC)
+        spec = {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds,
+                "renewTime": self._stamp(now)}
+        try:
+            lease = self.leases.read_namespaced_lease(self.name, self.namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            try:
+                self.leases.create_namespaced_lease(self.namespace, {
+                    "metadata": {"name": self.name}, "spec": {**spec, "acquireTime": self._stamp(now)}})
+                return True
+            except ApiException as e2:
+                if e2.status == 409:
+                    return False
+                raise
+        held = lease.spec
+        renewed = held.renew_time
+        expired = renewed is None or (now - renewed).total_seconds() > (held.lease_duration_seconds or 15)
+        if held.holder_identity != self.identity and not expired:
+            return False
+        if held.holder_identity != self.identity:
+            spec["acquireTime"] = self._stamp(now)
+        body = {"metadata": {"name": self.name, "resourceVersion": lease.metadata.resource_version}, "spec": spec}
+        try:
+            self.leases.replace_namespaced_lease(self.name, self.namespace, body)  # optimistic: rv must match
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+
+def _watch(stop: threading.Event, lister: Callable[..., Any], on_object: Callable[[dict[str, Any]], None],
+           **kwargs: Any) -> None:
+    """List then watch forever; a 410 Gone (or any break) means list again."""
+    while not stop.is_set():
+        try:
+            listed = lister(**kwargs)
+            for item in listed["items"] if isinstance(listed, dict) else listed.items:
+                on_object(item if isinstance(item, dict) else item.to_dict())
+            rv = listed["metadata"]["resourceVersion"] if isinstance(listed, dict) else listed.metadata.resource_version
+            stream: Iterator[dict[str, Any]] = watch.Watch().stream(
+                lister, resource_version=rv, timeout_seconds=60, **kwargs)
+            for event in stream:
+                if stop.is_set():
+                    return
+                obj = event["object"]
+                on_object(obj if isinstance(obj, dict) else obj.to_dict())
+        except ApiException as e:
+            if e.status != 410:
+                log.warning("watch: %s %s", e.status, e.reason)
+                stop.wait(1)
+        except Exception as e:  # a dropped connection: list again
+            log.warning("watch: %s", e)
+            stop.wait(1)
+
+
+class Manager:
+    def __init__(self, api_client: client.ApiClient, namespace: str | None, identity: str,
+                 lease_namespace: str, leader_elect: bool = True, resync_seconds: float = 30.0,
+                 workers: int = 2) -> None:
+        self.api = api_client
+        self.namespace = namespace
+        self.reconciler = Reconciler(Kube(api_client))
+        self.queue = WorkQueue()
+        self.stop = threading.Event()
+        self.elector = LeaderElector(api_client, lease_namespace, "spin-k8s-controller", identity) \
+            if leader_elect else None
+        self.resync_seconds = resync_seconds
+        self.workers = workers
+        self._failures: dict[Key, int] = {}
+        self._known: set[Key] = set()
+
+    def _on_run(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        self._known.add(key)
+        self.queue.add(key)
+
+    def _on_job(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        run = (meta.get("labels") or {}).get(naming.LABEL_RUN)
+        if run:
+            self.queue.add((meta.get("namespace", ""), run))
+
+    def _worker(self) -> None:
+        while not self.stop.is_set():
+            key = self.queue.get(self.stop)
+            if key is None:
+                return
+            try:
+                changed = self.reconciler.reconcile(*key)
+                self._failures.pop(key, None)
+                if changed:
+                    self.queue.add(key, 0.05)  # observe our own writes, go on at once
+            except Exception as e:
+                n = self._failures[key] = self._failures.get(key, 0) + 1
+                delay = min(30.0, 0.5 * 2 ** min(n, 6))
+                log.warning("reconcile %s/%s failed (retry in %.1fs): %s", *key, delay, e)
+                self.queue.add(key, delay)
+
+    def _resync(self) -> None:
+        while not self.stop.wait(self.resync_seconds):
+            for key in list(self._known):
+                self.queue.add(key)
+
+    def run(self) -> None:
+        if self.elector is not None:
+            while not self.stop.is_set() and not self.elector.try_acquire():
+                self.stop.wait(2)
+            log.info("leading as %s", self.elector.identity)
+            threading.Thread(target=self._renew, daemon=True, name="lease").start()
+        objects, batch = client.CustomObjectsApi(self.api), client.BatchV1Api(self.api)
+        label = f"{naming.LABEL_MANAGED_BY}={naming.MANAGER}"
+        if self.namespace:
+            runs = (objects.list_namespaced_custom_object,
+                    {"group": api.GROUP, "version": api.VERSION, "namespace": self.namespace, "plural": api.PLURAL})
+            jobs = (batch.list_namespaced_job, {"namespace": self.namespace, "label_selector": label})
+        else:
+            runs = (objects.list_cluster_custom_object, {"group": api.GROUP, "version": api.VERSION,
+                                                         "plural": api.PLURAL})
+            jobs = (batch.list_job_for_all_namespaces, {"label_selector": label})
+        threads = [threading.Thread(target=_watch, args=(self.stop, runs[0], self._on_run), kwargs=runs[1],
+                                    daemon=True, name="watch-runs"),
+                   threading.Thread(target=_watch, args=(self.stop, jobs[0], self._on_job), kwargs=jobs[1],
+                                    daemon=True, name="watch-jobs"),
+                   threading.Thread(target=self._resync, daemon=True, name="resync")]
+        threads += [threading.Thread(target=self._worker, daemon=True, name=f"worker-{i}")
+                    for i in range(self.workers)]
+        for t in threads:
+            t.start()
+        self.stop.wait()
+
+    def _renew(self) -> None:
+        assert self.elector is not None
+        while not self.stop.wait(self.elector.lease_seconds / 3):
+            try:
+                if not self.elector.try_acquire():
+                    log.error("lost the leader lease: exiting so a restart starts clean")
+                    os._exit(1)
+            except Exception as e:
+                log.warning("lease renewal: %s", e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spin_k8s.controller",
+                                     description="Run the SpinRun controller.")
+    parser.add_argument("--kubeconfig", help="kubeconfig (default: $KUBECONFIG, else in-cluster)")
+    parser.add_argument("--namespace", help="watch one namespace (default: all)")
+    parser.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
+                        help="hold a Lease so only one replica reconciles (default on)")
+    parser.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"),
+                        help="namespace of the leader Lease (default $POD_NAMESPACE or default)")
+    parser.add_argument("--resync-seconds", type=float, default=30.0, help="re-plan every run this often")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
+    api_client = (config.new_client_from_config(config_file=kubeconfig) if kubeconfig
+                  else _incluster())
+    identity = f"{socket.gethostname()}-{os.getpid()}"
+    manager = Manager(api_client, args.namespace, identity, args.lease_namespace, args.leader_elect,
+                      args.resync_seconds)
+    manager.run()
+    return 0
+
+
+def _incluster() -> client.ApiClient:
+    config.load_incluster_config()
+    return client.ApiClient()

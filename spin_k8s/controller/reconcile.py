@@ -1,0 +1,217 @@
+"""One reconcile of one SpinRun: observe everything, call the pure planner, apply its actions in order,
+write status once, last, then emit the events that status describes.
+
+Side effects live here and in nothing the planner imports. Every action is safe to repeat: a create that
+answers 409 is success when the existing object carries this run's uid label.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import functools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from spin_k8s import api, lineage, naming, planner, storage
+
+log = logging.getLogger("spin_k8s.controller")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def job_view(job: client.V1Job) -> planner.JobView | None:
+    """A Job reduced to what the planner needs; None for a Job without our labels."""
+    labels = job.metadata.labels or {}
+    try:
+        iteration, role = int(labels[naming.LABEL_ITERATION]), labels[naming.LABEL_ROLE]
+        attempt = int(labels.get(naming.LABEL_ATTEMPT, "0"))
+    except (KeyError, ValueError):
+        return None
+    status = job.status
+    conditions = {c.type: c for c in status.conditions or [] if c.status == "True"}
+    state: planner.JobState
+    if "Complete" in conditions:
+        state, cond = "complete", conditions["Complete"]
+    elif "Failed" in conditions:
+        state, cond = "failed", conditions["Failed"]
+    else:
+        state, cond = ("suspended" if job.spec.suspend else "active"), None
+    return planner.JobView(
+        name=job.metadata.name, uid=job.metadata.uid, iteration=iteration, role=role, attempt=attempt, state=state,
+        succeeded=status.succeeded or 0, failed=status.failed or 0,
+        reason=(cond.reason or "") if cond else "", message=(cond.message or "") if cond else "",
+        started=status.start_time.strftime("%Y-%m-%dT%H:%M:%SZ") if status.start_time else None,
+        finished=status.completion_time.strftime("%Y-%m-%dT%H:%M:%SZ") if status.completion_time else None)
+
+
+@dataclass
+class Kube:
+    """The controller's Kubernetes clients."""
+
+    api: client.ApiClient
+
+    @functools.cached_property
+    def objects(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    @functools.cached_property
+    def batch(self) -> client.BatchV1Api:
+        return client.BatchV1Api(self.api)
+
+    @functools.cached_property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+
+class Reconciler:
+    """Reconciles SpinRuns by key. Holds S3 clients per credentials, nothing else between calls."""
+
+    def __init__(self, kube: Kube, component: str = "spin-controller") -> None:
+        self.kube = kube
+        self.component = component
+
+    # -- observe --------------------------------------------------------------------------------------------
+    def _store(self, run: api.SpinRun) -> lineage.Store:
+        prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
+        loc = storage.parse(prefix)
+        if loc.scheme != "s3":
+            return lineage.FileStore(Path(loc.key))
+        creds: dict[str, str] = {}
+        if run.spec.storage.credentials_secret:
+            secret = self.kube.core.read_namespaced_secret(run.spec.storage.credentials_secret, run.namespace)
+            creds = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        return lineage.S3Store(_s3_client(run.spec.storage.endpoint, run.spec.storage.region,
+                                          creds.get("AWS_ACCESS_KEY_ID"), creds.get("AWS_SECRET_ACCESS_KEY")),
+                               loc.bucket, loc.key)
+
+    def _outputs(self, store: lineage.Store, run: api.SpinRun, prefix: str, jobs: list[planner.JobView],
+                 steps: dict[tuple[int, str], dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any] | None]:
+        """What the workers of Complete, unrecorded steps left in storage."""
+        outputs: dict[tuple[int, str], dict[str, Any] | None] = {}
+        for j in jobs:
+            if j.state != "complete" or (j.iteration, j.role) in steps:
+                continue
+            if j.role == naming.GENERATE:
+                sub = f"i{j.iteration}/synthetic/"
+                records = []
+                for s in range(run.spec.generation.shards):
+                    name = f"shard-{s:05d}-of-{run.spec.generation.shards:05d}.jsonl"
+                    got = store.get(f"{sub}{name}.done.json")
+                    if got is None:
+                        break
+                    rec = json.loads(got[0])
+                    records.append({"uri": f"{naming.synthetic_uri(prefix, j.iteration)}/{name}",
+                                    "sha256": rec["sha256"], "rows": rec["rows"], "engine": rec["engine"],
+                                    "modelDigest": rec["model_digest"]})
+                complete = len(records) == run.spec.generation.shards
+                outputs[(j.iteration, j.role)] = {"shards": records} if complete else None
+            else:
+                got = store.get(f"i{j.iteration}/model/metrics.json")
+                outputs[(j.iteration, j.role)] = (
+                    {"metrics": json.loads(got[0]), "checkpointDigest": storage.sha256_bytes(got[0])}
+                    if got else None)
+        return outputs
+
+    # -- the loop body -------------------------------------------------------------------------------------
+    def reconcile(self, namespace: str, name: str) -> bool:
+        """Reconcile one run; True when something changed (the caller requeues soon)."""
+        k = self.kube
+        try:
+            obj = k.objects.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                return False  # deleted: owner references garbage-collect its Jobs and Services
+            raise
+        errors = api.semantic_errors(obj)
+        run = api.parse(obj)
+        if run.deleting:
+            return False
+        selector = naming.run_selector(run.name, run.uid)
+        jobs = [v for j in k.batch.list_namespaced_job(namespace, label_selector=selector).items
+                if (v := job_view(j)) is not None]
+        services = frozenset(s.metadata.name for s in
+                             k.core.list_namespaced_service(namespace, label_selector=selector).items)
+        prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
+        try:
+            store = self._store(run)
+            steps = lineage.load(store)
+            found = planner.Lineage(steps, self._outputs(store, run, prefix, jobs, steps))
+        except Exception as e:  # storage down or credentials wrong: say why, retry with backoff
+            store = None
+            found = planner.Lineage(error=f"{type(e).__name__}: {str(e)[:300]}")
+        plan = planner.plan(run, planner.Observed(tuple(jobs), services), found, _now(),
+                            invalid="; ".join(errors) or None)
+        for action in plan.actions:
+            self._apply(run, obj, store, action)
+        status_changed = plan.status != run.status
+        if status_changed:
+            k.objects.patch_namespaced_custom_object_status(api.GROUP, api.VERSION, namespace, api.PLURAL, name,
+                                                            {"status": plan.status})
+            for event in plan.events:
+                self._emit(obj, event)
+        if found.error:
+            raise RuntimeError(found.error)  # the queue retries with backoff
+        return bool(plan.actions) or status_changed
+
+    def _apply(self, run: api.SpinRun, obj: dict[str, Any], store: lineage.Store | None,
+               action: planner.Action) -> None:
+        k, ns = self.kube, run.namespace
+        if isinstance(action, planner.RecordStep):
+            assert store is not None
+            lineage.record_step(store, {"name": run.name, "namespace": ns, "uid": run.uid}, obj["spec"],
+                                action.iteration, action.role, action.record)
+        elif isinstance(action, planner.CreateJob | planner.CreateService):
+            body = action.body
+            try:
+                if isinstance(action, planner.CreateJob):
+                    k.batch.create_namespaced_job(ns, body)
+                else:
+                    k.core.create_namespaced_service(ns, body)
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                self._check_ours(action, ns, run.uid)
+            log.info("created %s %s/%s", body["kind"], ns, body["metadata"]["name"])
+        elif isinstance(action, planner.SuspendJob):
+            k.batch.patch_namespaced_job(action.name, ns, {"spec": {"suspend": action.suspend}})
+
+    def _check_ours(self, action: planner.CreateJob | planner.CreateService, ns: str, uid: str) -> None:
+        """A 409 is success only if the object that exists belongs to this run."""
+        name = action.body["metadata"]["name"]
+        existing = (self.kube.batch.read_namespaced_job(name, ns) if isinstance(action, planner.CreateJob)
+                    else self.kube.core.read_namespaced_service(name, ns))
+        if (existing.metadata.labels or {}).get(naming.LABEL_RUN_UID) != uid:
+            raise RuntimeError(f"{name} already exists and does not belong to this SpinRun")
+
+    def _emit(self, obj: dict[str, Any], event: planner.Event) -> None:
+        meta = obj["metadata"]
+        now = datetime.datetime.now(datetime.UTC)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(api_version=api.API_VERSION, kind=api.KIND, name=meta["name"],
+                                                     namespace=meta["namespace"], uid=meta["uid"]),
+            type=event.type, reason=event.reason, message=event.message[:1024], count=1,
+            first_timestamp=now, last_timestamp=now, source=client.V1EventSource(component=self.component))
+        try:
+            self.kube.core.create_namespaced_event(meta["namespace"], body)
+        except ApiException as e:  # an event is best effort; the status already says it
+            log.warning("event %s: %s", event.reason, e.reason)
+
+
+@functools.lru_cache(maxsize=64)
+def _s3_client(endpoint: str | None, region: str, key: str | None, secret: str | None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, aws_access_key_id=key,
+                        aws_secret_access_key=secret,
+                        config=Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 2}))

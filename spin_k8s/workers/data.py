@@ -1,0 +1,304 @@
+"""Data for both workers: reading SFT datasets, the one prompt template, synthetic shards and mixing.
+
+Flow: ``load_sft`` reads the human pairs (JSONL or Parquet, chat-shaped or prompt/response rows) ->
+the generation worker turns prompts into token ids with ``encode_prompt`` and writes shards of
+``SyntheticRow`` -> the training worker reads the mixed shards (``mix``, ``load_synthetic``) and tokenizes each
+pair with ``encode_prompt`` + ``encode_response``. Because both workers call the same two functions,
+generation and training see the same prompt tokens (the original SPIN code did not: its generation prompt
+was a plain "### Instruction" text while training used the chat template).
+
+This module imports no ML framework at import time: the controller may use ``mix`` and the shard names.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from spin_k8s import storage
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+_SHARD_RE = re.compile(r"shard-(\d{5})-of-(\d{5})\.jsonl$")
+
+
+class DataError(ValueError):
+    """Unusable input data. The message is one line, fit to show a user as is."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One human pair. ``id`` is the row's 0-based position in its source file: stable across reruns."""
+
+    id: int
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class BadRow:
+    line: int  # 1-based line (JSONL) or row (Parquet) number
+    reason: str
+
+
+@dataclass(frozen=True)
+class SftData:
+    examples: list[Example]
+    bad: list[BadRow]
+
+    def summary(self, limit: int = 5) -> str:
+        """``"3 bad rows skipped: line 2: invalid JSON; line 7: no assistant turn; ..."``, or ``""``."""
+        if not self.bad:
+            return ""
+        shown = "; ".join(f"line {b.line}: {b.reason}" for b in self.bad[:limit])
+        more = f"; and {len(self.bad) - limit} more" if len(self.bad) > limit else ""
+        return f"{len(self.bad)} bad rows skipped: {shown}{more}"
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is {type(value).__name__}, not text")
+    if not value.strip():
+        raise ValueError(f"{what} is empty")
+    return value
+
+
+def parse_row(row: object) -> tuple[str, str]:
+    """(prompt, response) from one row; ValueError with a short reason for a row that cannot be used.
+
+    A ``messages`` list (UltraChat-200k shape) wins over ``prompt``/``response``: the first user turn and the
+    first assistant turn after it are kept, as in the paper; system turns and later turns are dropped.
+    """
+    if not isinstance(row, dict):
+        raise ValueError(f"row is {type(row).__name__}, not an object")
+    messages = row.get("messages")
+    if messages is None:
+        if "prompt" not in row or "response" not in row:
+            raise ValueError("neither 'messages' nor 'prompt'/'response'")
+        return _text(row["prompt"], "prompt"), _text(row["response"], "response")
+    if not isinstance(messages, list):
+        raise ValueError(f"messages is {type(messages).__name__}, not a list")
+    prompt: str | None = None
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"message {i} has no role")
+        if prompt is None and message["role"] == "user":
+            prompt = _text(message.get("content"), f"message {i} content")
+        elif prompt is not None and message["role"] == "assistant":
+            return prompt, _text(message.get("content"), f"message {i} content")
+    raise ValueError("no user turn" if prompt is None else "no assistant turn after the first user turn")
+
+
+def _records(uri: str, raw: bytes) -> list[tuple[int, object]]:
+    """(1-based line or row number, decoded row or the JSON error) for each record of the file."""
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+        try:
+            table = pq.read_table(io.BytesIO(raw))
+        except Exception as exc:
+            raise DataError(f"{uri}: not a readable Parquet file ({exc})") from exc
+        return list(enumerate(table.to_pylist(), start=1))
+    out: list[tuple[int, object]] = []
+    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            out.append((number, DataError(f"invalid JSON ({exc.msg})")))
+    return out
+
+
+def load_sft(uri: str) -> SftData:
+    """Reads an SFT dataset (``.jsonl``/``.json`` lines or ``.parquet``) from a path, ``file://`` or ``s3://``.
+
+    Bad rows are skipped and listed with their line numbers; a dataset without one usable row is a DataError.
+    """
+    try:
+        raw = storage.read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise DataError(f"{uri}: no such dataset") from exc
+    examples, bad = [], []
+    records = _records(uri, raw)
+    for index, (number, record) in enumerate(records):
+        try:
+            if isinstance(record, DataError):
+                raise ValueError(str(record))
+            prompt, response = parse_row(record)
+        except ValueError as exc:
+            bad.append(BadRow(number, str(exc)))
+            continue
+        examples.append(Example(id=index, prompt=prompt, response=response))
+    data = SftData(examples, bad)
+    if not examples:
+        detail = f" ({data.summary(3)})" if bad else ""
+        raise DataError(f"{uri}: no usable rows in {len(records)} records{detail}")
+    return data
+
+
+# --- The one prompt template -------------------------------------------------------------------------------
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The model's own chat template around one user turn, ending where the assistant's answer starts."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert isinstance(text, str)
+    return text
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_length: int) -> list[int]:
+    """Prompt token ids as generation feeds them and training scores after them.
+
+    Too long a prompt keeps its *last* ``max_prompt_length`` tokens: the generation prompt that opens the
+    assistant's turn sits at the end and must survive.
+    """
+    ids: list[int] = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    return ids[-max_prompt_length:]
+
+
+def encode_response(tokenizer: PreTrainedTokenizerBase, response: str | Sequence[int], room: int) -> list[int]:
+    """Response ids followed by the end-of-turn token, cut to ``room`` tokens: exactly what training scores.
+
+    ``response`` is text (a human answer) or the token ids a generation engine sampled (scored as sampled,
+    not re-tokenized from the decoded text).
+    """
+    if isinstance(response, str):
+        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    else:
+        ids = list(response)
+    eos = tokenizer.eos_token_id
+    assert isinstance(eos, int), "the tokenizer needs an end-of-turn (eos) token"
+    return [*ids, eos][:max(room, 0)]
+
+
+# --- Synthetic shards --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticRow:
+    """One line of a generation shard. Reference log-probs are summed over the response tokens (see
+    ``encode_response``) under the opponent model, present only when the shard was scored."""
+
+    id: int
+    prompt: str
+    real: str
+    generated: str
+    generated_ids: list[int]
+    ref_real_logp: float | None = None
+    ref_generated_logp: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """The ``.done.json`` record of a finished shard, written last and once. ``model_digest`` identifies the
+    opponent that generated (and, if ``scored``, scored) the rows; training trusts precomputed reference
+    log-probs only from a shard whose digest and length limits match its own."""
+
+    shard: int
+    num_shards: int
+    rows: int
+    sha256: str
+    engine: str
+    engine_version: str
+    sampling: dict[str, float | int]
+    model: str
+    model_digest: str
+    scored: bool
+    max_prompt_length: int
+    max_length: int
+    data: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_json(raw: bytes) -> ShardRecord:
+        return ShardRecord(**json.loads(raw))
+
+
+def shard_name(index: int, num_shards: int) -> str:
+    return f"shard-{index:05d}-of-{num_shards:05d}.jsonl"
+
+
+def done_name(index: int, num_shards: int) -> str:
+    return f"{shard_name(index, num_shards)}.done.json"
+
+
+def shard_bounds(total: int, index: int, num_shards: int) -> tuple[int, int]:
+    """[start, stop) of shard ``index`` over ``total`` items: contiguous, sizes differ by at most one,
+    together an exact partition."""
+    if not 0 <= index < num_shards:
+        raise ValueError(f"shard index {index} is outside 0..{num_shards - 1}")
+    return total * index // num_shards, total * (index + 1) // num_shards
+
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    """All rows of one generation output prefix, each with the record of the shard it came from."""
+
+    uri: str
+    rows: list[tuple[SyntheticRow, ShardRecord]]
+
+
+def load_synthetic(prefix: str) -> SyntheticSet:
+    """Reads a complete generation output: every shard must be done and match its recorded sha256."""
+    uris = storage.list_uris(prefix)
+    shards = {m.group(0): u for u in uris if (m := _SHARD_RE.search(u))}
+    records = [ShardRecord.from_json(storage.read_bytes(u)) for u in uris if u.endswith(".done.json")]
+    if not records:
+        raise DataError(f"{prefix}: no finished generation shard (no *.done.json)")
+    total = {r.num_shards for r in records}
+    if len(total) != 1:
+        raise DataError(f"{prefix}: shards from different shard counts {sorted(total)}")
+    n = total.pop()
+    missing = sorted(set(range(n)) - {r.shard for r in records})
+    if missing:
+        raise DataError(f"{prefix}: incomplete, shards {missing} of {n} are not done")
+    rows: list[tuple[SyntheticRow, ShardRecord]] = []
+    for record in sorted(records, key=lambda r: r.shard):
+        name = shard_name(record.shard, n)
+        raw = storage.read_bytes(shards[name]) if name in shards else b""
+        if storage.sha256_bytes(raw) != record.sha256:
+            raise DataError(f"{prefix}/{name}: content does not match its done record's sha256")
+        for line in raw.decode().splitlines():
+            rows.append((SyntheticRow(**json.loads(line)), record))
+    return SyntheticSet(prefix, rows)
+
+
+def mix(iteration: int, keep_previous: int, available: Mapping[int, str]) -> list[str]:
+    """The synthetic sets iteration ``iteration`` trains on: its own plus those of the ``keep_previous``
+    iterations before it (1 in the paper; the authors later found 2 better), oldest first.
+
+    ``available`` maps an iteration number to its synthetic set's URI. Iterations before 0 do not exist, so
+    iteration 0 always trains on its own set alone.
+    """
+    if iteration < 0 or keep_previous < 0:
+        raise ValueError("iteration and keep_previous must be >= 0")
+    wanted = range(max(0, iteration - keep_previous), iteration + 1)
+    missing = [i for i in wanted if i not in available]
+    if missing:
+        raise DataError(f"iteration {iteration} needs the synthetic sets of iterations {missing}, "
+                        f"which are not available")
+    return [available[i] for i in wanted]
+
+
+def parse_assignments(values: Sequence[str]) -> dict[int, str]:
+    """``["0=s3://b/i0", "1=s3://b/i1"]`` -> ``{0: "s3://b/i0", 1: "s3://b/i1"}``; DataError otherwise."""
+    out: dict[int, str] = {}
+    for value in values:
+        key, sep, uri = value.partition("=")
+        if not sep or not key.strip().isdigit() or not uri:
+            raise DataError(f"expected ITERATION=URI, got {value!r}")
+        out[int(key)] = uri
+    return out
+

@@ -1,0 +1,374 @@
+"""The generation worker: entrypoint of an iteration's generation Job (one pod per shard).
+
+The opponent model samples one synthetic response per prompt of its shard and writes
+``{output}/shard-{i:05d}-of-{n:05d}.jsonl`` (``data.SyntheticRow`` lines), then, last and only if absent, the
+shard's ``.done.json`` record (``data.ShardRecord``). A shard whose record exists is finished: a rerun exits
+0 at once, so a retried or duplicated pod is harmless. With ``--score-reference`` the opponent also scores
+the real and the generated responses, so training can skip the reference model.
+
+Engines: vLLM, or transformers where vLLM cannot be imported; both take prompt token ids from
+``data.encode_prompt`` (the template training uses) and return sampled token ids.
+
+    python -m spin_k8s.workers.generate --model s3://b/run/iter-0/model --data s3://b/sft.jsonl \\
+        --output s3://b/run/iter-0/synthetic --num-shards 4 --run-name demo --iteration 0 --score-reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from spin_k8s import storage
+from spin_k8s.workers import data, runtime
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+ENGINES = ("auto", "vllm", "transformers")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters; ``seed`` is the shard's base seed (request k uses ``seed + k``)."""
+
+    temperature: float  # 0 means greedy
+    top_p: float
+    max_tokens: int  # new tokens per response
+    seed: int
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    model: str  # opponent model: local directory or s3:// prefix
+    data: str  # SFT dataset URI (.jsonl or .parquet)
+    output: str  # prefix receiving the shard and its done record
+    shard_index: int
+    num_shards: int
+    run_name: str  # with iteration and shard, determines the sampling seed
+    iteration: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    max_prompt_length: int  # tokens; longer prompts keep their end
+    max_length: int  # prompt + response tokens, as training will cut them (for scoring)
+    engine: str  # auto | vllm | transformers
+    score_reference: bool
+    dtype: str  # auto | float32 | bfloat16
+    batch_size: int  # prompts per forward, transformers engine only
+    gpu_memory_utilization: float | None  # vLLM; None: 0.9 with a GPU, 0.1 on CPU (a share of RAM there)
+    cache_dir: Path  # where s3:// models are downloaded
+
+
+def shard_seed(run_name: str, iteration: int, shard_index: int) -> int:
+    """The sampling seed of one shard: stable across reruns, different across runs, iterations and shards."""
+    digest = hashlib.sha256(f"{run_name}\0{iteration}\0{shard_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x3FFFFFFF  # leaves room for + k per request
+
+
+class Engine(Protocol):
+    name: str
+    version: str
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
+        """Sampled completion ids per prompt, without the end-of-turn token."""
+
+    def score(self, sequences: list[list[int]], prompt_lens: list[int]) -> list[float]:
+        """Summed log-probs of ``sequence[prompt_len:]`` given ``sequence[:prompt_len]``, per sequence."""
+
+    def close(self) -> None: ...
+
+
+def _cut_at_eos(ids: Sequence[int], eos: int) -> list[int]:
+    out = list(ids)
+    return out[:out.index(eos)] if eos in out else out
+
+
+def checkpoint_dtype(model_dir: Path) -> str:
+    """The dtype the checkpoint was saved in ("float32", "bfloat16", ...), or "auto" if it does not say."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "auto")
+
+
+class VllmEngine:
+    """vLLM's offline ``LLM``. On CPU: eager mode, a small KV-cache share and both cores (FACTS.md)."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: Path, settings: GenerateSettings, eos: int, max_model_len: int) -> None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        import vllm
+
+        self.version = str(vllm.__version__)
+        self._vllm = vllm
+        self._eos = eos
+        utilization = settings.gpu_memory_utilization or (0.9 if on_gpu else 0.1)
+        # vLLM's own "auto" runs a float32 checkpoint in bfloat16 on CPU: its samples and scores would then
+        # come from a coarser model than the one training starts from.
+        dtype: Any = checkpoint_dtype(model_dir) if settings.dtype == "auto" else settings.dtype
+        self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype,
+                            gpu_memory_utilization=utilization, enforce_eager=not on_gpu,
+                            max_model_len=max_model_len)
+
+    def _prompts(self, ids: list[list[int]]) -> list[Any]:
+        return [self._vllm.inputs.TokensPrompt(prompt_token_ids=p) for p in ids]
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
+        # One seed per request makes each sample independent of how vLLM batches and schedules.
+        params = [self._vllm.SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                            max_tokens=sampling.max_tokens, seed=sampling.seed + k)
+                  for k in range(len(prompts))]
+        outputs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
+        return [_cut_at_eos(o.outputs[0].token_ids, self._eos) for o in outputs]
+
+    def score(self, sequences: list[list[int]], prompt_lens: list[int]) -> list[float]:
+        # prompt_logprobs=0 returns the log-prob of each actual prompt token; the one sampled token is unused.
+        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0)
+        outputs = self.llm.generate(self._prompts(sequences), params, use_tqdm=False)
+        sums = []
+        for output, seq, plen in zip(outputs, sequences, prompt_lens, strict=True):
+            per_position: Any = output.prompt_logprobs  # position 0 is None: nothing predicts it
+            sums.append(float(sum(per_position[j][seq[j]].logprob for j in range(plen, len(seq)))))
+        return sums
+
+    def close(self) -> None:
+        # Shutting the engine core down before exit avoids the abort (exit 134) seen at interpreter exit.
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+class TransformersEngine:
+    """``model.generate`` in batches of left-padded prompts; scoring with the trainer's log-prob helper."""
+
+    name = "transformers"
+
+    def __init__(self, model_dir: Path, settings: GenerateSettings, tokenizer: PreTrainedTokenizerBase) -> None:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        self.version = transformers.__version__
+        self._torch = torch
+        dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[settings.dtype]
+        self.model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)  # in eval mode
+        self.batch_size = settings.batch_size
+        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        assert isinstance(eos, int)
+        self.eos = eos
+        self.pad = pad if isinstance(pad, int) else eos
+
+    def _padded(self, seqs: list[list[int]], left: bool) -> tuple[Any, Any]:
+        width = max(len(s) for s in seqs)
+        ids = self._torch.full((len(seqs), width), self.pad, dtype=self._torch.long)  # (B, T)
+        mask = self._torch.zeros((len(seqs), width), dtype=self._torch.long)  # (B, T)
+        for row, s in enumerate(seqs):
+            cols = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[row, cols] = self._torch.tensor(s)
+            mask[row, cols] = 1
+        return ids, mask
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start:start + self.batch_size]
+            ids, mask = self._padded(batch, left=True)  # (B, T) each
+            self._torch.manual_seed(sampling.seed + start)
+            greedy = sampling.temperature == 0
+            with self._torch.no_grad():
+                sampled = self.model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_tokens, do_sample=not greedy,
+                    temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
+                    top_k=None, eos_token_id=self.eos, pad_token_id=self.pad)  # (B, T + new)
+            out.extend(_cut_at_eos(row.tolist(), self.eos) for row in sampled[:, ids.shape[1]:])
+        return out
+
+    def score(self, sequences: list[list[int]], prompt_lens: list[int]) -> list[float]:
+        from spin_k8s.workers.loss import sequence_logps
+
+        out: list[float] = []
+        for start in range(0, len(sequences), self.batch_size):
+            batch = sequences[start:start + self.batch_size]
+            ids, mask = self._padded(batch, left=False)  # (B, T) each
+            response = mask.clone()  # (B, T)
+            for row, plen in enumerate(prompt_lens[start:start + self.batch_size]):
+                response[row, :plen] = 0
+            with self._torch.no_grad():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+            out.extend(sequence_logps(logits, ids, response).tolist())
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def open_engine(settings: GenerateSettings, model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> Engine:
+    name = settings.engine
+    if name == "auto":
+        name = "vllm" if vllm_available() else "transformers"
+    if name == "vllm":
+        eos = tokenizer.eos_token_id
+        assert isinstance(eos, int)
+        longest = max(settings.max_prompt_length + settings.max_tokens, settings.max_length)
+        return VllmEngine(model_dir, settings, eos, max_model_len=longest + 1)
+    return TransformersEngine(model_dir, settings, tokenizer)
+
+
+def run(settings: GenerateSettings, engine: Engine | None = None) -> int:
+    """Generates (and scores) one shard. ``engine``: an open engine to reuse, left open for the caller;
+    by default one is opened for this shard and closed after it."""
+    n, i = settings.num_shards, settings.shard_index
+    shard_uri = storage.join(settings.output, data.shard_name(i, n))
+    done_uri = storage.join(settings.output, data.done_name(i, n))
+    if storage.exists(done_uri):
+        runtime.log(event="skip", reason="shard already done", done=done_uri)
+        return 0
+    sft = data.load_sft(settings.data)
+    if sft.bad:
+        print(f"warning: {settings.data}: {sft.summary()}", file=sys.stderr, flush=True)
+    start, stop = data.shard_bounds(len(sft.examples), i, n)
+    examples = sft.examples[start:stop]
+    runtime.log(event="start", shard=i, num_shards=n, rows=len(examples), bad_rows=len(sft.bad))
+
+    from transformers import AutoTokenizer
+
+    model_dir = runtime.fetch_model(settings.model, settings.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [data.encode_prompt(tokenizer, ex.prompt, settings.max_prompt_length) for ex in examples]
+    sampling = Sampling(settings.temperature, settings.top_p, settings.max_tokens,
+                        shard_seed(settings.run_name, settings.iteration, i))
+    owned = engine is None
+    engine = engine or open_engine(settings, model_dir, tokenizer)
+    try:
+        began = time.monotonic()
+        generated = engine.generate(prompts, sampling) if prompts else []
+        seconds = time.monotonic() - began
+        new_tokens = sum(len(g) for g in generated)
+        runtime.log(event="generated", rows=len(generated), tokens=new_tokens, seconds=round(seconds, 3),
+                    tokens_per_s=round(new_tokens / max(seconds, 1e-9), 1))
+        ref_real: list[float | None] = [None] * len(examples)
+        ref_generated: list[float | None] = [None] * len(examples)
+        if settings.score_reference and examples:
+            # Scored exactly as training will tokenize them: real rows first, then generated ones.
+            responses: list[str | list[int]] = [*(ex.response for ex in examples), *generated]
+            sequences = [p + data.encode_response(tokenizer, r, settings.max_length - len(p))
+                         for p, r in zip(prompts * 2, responses, strict=True)]
+            scores = engine.score(sequences, [len(p) for p in prompts * 2])
+            ref_real, ref_generated = list(scores[:len(examples)]), list(scores[len(examples):])
+    finally:
+        if owned:
+            engine.close()
+
+    rows = [data.SyntheticRow(id=ex.id, prompt=ex.prompt, real=ex.response,
+                              generated=str(tokenizer.decode(ids, skip_special_tokens=True)), generated_ids=ids,
+                              ref_real_logp=rr, ref_generated_logp=rg)
+            for ex, ids, rr, rg in zip(examples, generated, ref_real, ref_generated, strict=True)]
+    body = "".join(row.to_json() + "\n" for row in rows).encode()
+    storage.write_bytes(shard_uri, body)
+    record = data.ShardRecord(
+        shard=i, num_shards=n, rows=len(rows), sha256=storage.sha256_bytes(body), engine=engine.name,
+        engine_version=engine.version, sampling=asdict(sampling), model=settings.model,
+        model_digest=storage.digest_dir(model_dir), scored=settings.score_reference,
+        max_prompt_length=settings.max_prompt_length, max_length=settings.max_length, data=settings.data)
+    try:
+        storage.write_bytes(done_uri, record.to_json().encode(), if_absent=True)
+    except storage.AlreadyExistsError:
+        # A twin pod finished the same shard first; its record stands (training checks shard digests).
+        runtime.log(event="skip", reason="another attempt finished this shard first", done=done_uri)
+        return 0
+    runtime.log(event="done", shard=shard_uri, done=done_uri, rows=len(rows), sha256=record.sha256,
+                engine=engine.name)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m spin_k8s.workers.generate",
+        description="Generate one shard of an iteration's synthetic responses with the opponent model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m spin_k8s.workers.generate --model s3://b/run/iter-0/model \\\n"
+               "    --data s3://b/sft.jsonl --output s3://b/run/iter-0/synthetic --num-shards 4 \\\n"
+               "    --run-name demo --iteration 0 --score-reference\n"
+               "exit codes: 0 done or already done, 2 bad usage or unusable data, other: retry",
+    )
+    a = p.add_argument
+    a("--model", required=True, help="opponent model: local directory or s3:// prefix "
+      "(example: s3://spin/demo/iter-0/model)")
+    a("--data", required=True, help="SFT dataset, .jsonl or .parquet, chat-shaped ('messages') or "
+      "'prompt'/'response' rows (example: s3://spin/data/ultrachat-50k.parquet)")
+    a("--output", required=True, help="prefix for the shard and its done record "
+      "(example: s3://spin/demo/iter-0/synthetic)")
+    a("--num-shards", type=int, default=1, help="total shards, one per Job index (default 1; example: 4)")
+    a("--shard-index", type=int, default=None, help="this shard, 0-based (default: $JOB_COMPLETION_INDEX, "
+      "else 0; example: 2)")
+    a("--run-name", default="spin", help="run name, part of the sampling seed (default spin; example: demo)")
+    a("--iteration", type=int, default=0, help="SPIN iteration, part of the seed (default 0; example: 1)")
+    a("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default 1.0)")
+    a("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0; example: 0.95)")
+    a("--max-tokens", type=int, default=256, help="new tokens per response (default 256; example: 512)")
+    a("--max-prompt-length", type=int, default=512, help="prompt tokens kept, from the end (default 512)")
+    a("--max-length", type=int, default=1024, help="prompt + response tokens as training cuts them, used "
+      "when scoring; must equal training's (default 1024)")
+    a("--engine", choices=ENGINES, default="auto", help="vllm, transformers, or auto = vllm if it imports "
+      "(default auto; example: transformers)")
+    a("--score-reference", action="store_true", help="also store the opponent's summed log-probs of the real "
+      "and generated responses, so training needs no reference model (example: --score-reference)")
+    a("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+      help="weights dtype; auto = the checkpoint's (default auto; example: bfloat16)")
+    a("--batch-size", type=int, default=16, help="prompts per forward, transformers engine only (default 16)")
+    a("--gpu-memory-utilization", type=float, default=None, help="vLLM memory share; default 0.9 with a "
+      "GPU, 0.1 on CPU where it is a share of RAM (example: 0.85)")
+    a("--cache-dir", type=Path, default=None, help="local cache for s3:// models (default $SPIN_CACHE_DIR "
+      "or /tmp/spin-cache; example: /cache)")
+    return p
+
+
+def settings_from_args(argv: Sequence[str] | None) -> GenerateSettings:
+    args = parser().parse_args(argv)
+    index = args.shard_index
+    if index is None:
+        env = os.environ.get("JOB_COMPLETION_INDEX", "0")
+        if not env.isdigit():
+            raise runtime.UsageError(f"JOB_COMPLETION_INDEX is not a number: {env!r}")
+        index = int(env)
+    if args.num_shards < 1 or not 0 <= index < args.num_shards:
+        raise runtime.UsageError(f"--shard-index {index} is outside 0..{args.num_shards - 1}")
+    if args.max_tokens < 1 or args.max_prompt_length < 1 or args.max_length <= args.max_prompt_length:
+        raise runtime.UsageError("need --max-tokens >= 1 and --max-length > --max-prompt-length >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise runtime.UsageError("need --temperature >= 0 and 0 < --top-p <= 1")
+    return GenerateSettings(
+        model=args.model, data=args.data, output=args.output, shard_index=index, num_shards=args.num_shards,
+        run_name=args.run_name, iteration=args.iteration, temperature=args.temperature, top_p=args.top_p,
+        max_tokens=args.max_tokens, max_prompt_length=args.max_prompt_length, max_length=args.max_length,
+        engine=args.engine, score_reference=args.score_reference, dtype=args.dtype, batch_size=args.batch_size,
+        gpu_memory_utilization=args.gpu_memory_utilization, cache_dir=args.cache_dir or runtime.default_cache_dir(),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return runtime.run_cli(lambda: run(settings_from_args(argv)))
+
+
+if __name__ == "__main__":  # vLLM spawns processes that re-import this module
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skips interpreter teardown, where vLLM's CPU build sometimes aborts after finishing

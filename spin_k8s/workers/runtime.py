@@ -1,0 +1,76 @@
+"""Process-level helpers shared by the worker entrypoints: the exit-code convention, JSON-line logs and the
+local model cache.
+
+Exit codes: 0 done (also: nothing left to do), 2 bad usage or unusable data (one line on stderr), anything
+else a crash worth a retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from spin_k8s import storage
+from spin_k8s.workers.data import DataError
+
+USAGE_EXIT = 2
+
+
+class UsageError(ValueError):
+    """A bad argument combination; reported as one line with exit code 2."""
+
+
+def log(**fields: Any) -> None:
+    """One JSON object per stdout line: the workers' machine-readable log."""
+    print(json.dumps(fields, separators=(",", ":"), default=str), flush=True)
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """Runs an entrypoint, turning bad input into ``error: ...`` on stderr and exit code 2."""
+    try:
+        return main()
+    except (UsageError, DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return USAGE_EXIT
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SPIN_CACHE_DIR", os.path.join(tempfile.gettempdir(), "spin-cache")))
+
+
+def fetch_model(uri: str, cache_dir: Path) -> Path:
+    """A local directory holding the model at ``uri``: the directory itself for a local URI, else a copy
+    in ``cache_dir`` downloaded once per URI.
+
+    Several processes on a node may race here (one per rank): each downloads into its own temporary
+    directory and the first rename wins, so no one ever sees a half-written copy.
+    """
+    loc = storage.parse(uri)
+    if loc.scheme == "file":
+        if not (Path(loc.key) / "config.json").is_file():
+            raise FileNotFoundError(f"{uri}: not a model directory (no config.json)")
+        return Path(loc.key)
+    target = cache_dir / "models" / hashlib.sha256(uri.encode()).hexdigest()[:24]
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
+    try:
+        storage.download_dir(uri, staging)
+        if not (staging / "config.json").is_file():
+            raise FileNotFoundError(f"{uri}: not a model directory (no config.json)")
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

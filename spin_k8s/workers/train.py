@@ -1,0 +1,506 @@
+"""The training worker: entrypoint of an iteration's DeepSpeed Job, one process per accelerator under
+torchrun (rank, world size and local rank come from the environment torchrun sets):
+
+    torchrun --nnodes 2 --nproc-per-node 8 --node-rank $JOB_COMPLETION_INDEX --master-addr run-i0-train-0.run \\
+        --master-port 29500 -m spin_k8s.workers.train --model s3://b/run/iter-0/model \\
+        --synthetic 0=s3://b/run/iter-0/synthetic --iteration 0 --output s3://b/run/iter-1/model \\
+        --checkpoint-dir s3://b/run/iter-0/checkpoints --checkpoint-every 100
+
+Flow: read the mixed synthetic sets -> tokenize pairs with the generation worker's template -> fill the
+reference log-probs the shards do not carry (one no-grad pass of the initial model, before any update) ->
+resume from the latest DeepSpeed checkpoint, if any -> train (forward, SPIN loss, backward, step, log,
+checkpoint) -> optional held-out evaluation -> Hugging Face checkpoint + tokenizer, then ``metrics.json``
+last. An output that already has ``metrics.json`` is finished: a rerun exits 0 at once.
+
+Run as a plain ``python -m`` process it trains alone (world size 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spin_k8s import storage
+from spin_k8s.workers import batching, data, runtime
+from spin_k8s.workers.loss import LOSS_TYPES
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    model: str  # the iteration's starting model p_t: policy initialisation and frozen reference
+    synthetic: Mapping[int, str] = field(hash=False)  # iteration -> its synthetic set's prefix
+    iteration: int
+    keep_previous: int  # previous iterations' synthetic sets mixed in (1 in the paper)
+    output: str  # prefix for the trained model, tokenizer and metrics.json
+    eval_data: str | None  # held-out synthetic set for reward accuracy after training
+    checkpoint_dir: str | None  # DeepSpeed checkpoints: a shared path or an s3:// prefix
+    checkpoint_every: int  # optimizer steps between checkpoints; 0 disables them
+    zero_stage: int  # 0..3
+    precision: str  # bf16 | fp32
+    optimizer: str  # rmsprop (paper) | adamw
+    learning_rate: float
+    beta: float
+    loss_type: str  # sigmoid | hinge
+    warmup_ratio: float  # share of the steps with a linear warmup, then linear decay to 0
+    epochs: int
+    max_steps: int  # 0: epochs * (pairs // global batch)
+    micro_batch_size: int  # pairs per process per forward
+    gradient_accumulation_steps: int
+    max_length: int  # prompt + response tokens
+    max_prompt_length: int
+    max_grad_norm: float  # 0 disables clipping
+    gradient_checkpointing: bool
+    reference: str  # precomputed (shards, else one pass before training) | live (a frozen model copy)
+    seed: int
+    cache_dir: Path
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def linear_schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor at optimizer step ``step``: linear warmup over ``warmup`` steps, then linear
+    decay to 0 at ``total`` (as Hugging Face's ``get_linear_schedule_with_warmup``)."""
+    if step < warmup:
+        return step / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def deepspeed_config(s: TrainSettings, world_size: int, node_local_checkpoints: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": s.zero_stage}
+    if s.zero_stage == 3:
+        # Without it a ZeRO-3 model cannot be saved whole. Tensors under 10k elements (norms, biases) stay
+        # whole on every rank; DeepSpeed's 100k default would leave every matrix of a small model whole too.
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=10_000)
+    return {
+        "train_micro_batch_size_per_gpu": s.micro_batch_size,
+        "gradient_accumulation_steps": s.gradient_accumulation_steps,
+        "train_batch_size": s.micro_batch_size * s.gradient_accumulation_steps * world_size,
+        "gradient_clipping": s.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": s.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # the torch optimizers we pass in need no C++ op builds
+        "checkpoint": {"use_node_local_storage": node_local_checkpoints},
+        "steps_per_print": 1 << 62,
+    }
+
+
+# --- Processes -----------------------------------------------------------------------------------------------
+
+
+def init_distributed() -> Dist:
+    """Joins the process group torchrun describes, or makes a group of one for a plain process."""
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+    import torch
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's collectives call torch APIs that warn on every step; the warnings would drown the log.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+
+
+def barrier() -> None:
+    import torch.distributed
+
+    torch.distributed.barrier()
+
+
+# --- Data ----------------------------------------------------------------------------------------------------
+
+
+def load_pairs(uris: Sequence[str], tokenizer: PreTrainedTokenizerBase, s: TrainSettings,
+               ref_digest: str) -> list[batching.Pair]:
+    """Tokenized pairs of the synthetic sets. A shard's reference log-probs are kept only if the shard
+    was scored by this very reference model with the same length limits; the rest are filled later."""
+    pairs = []
+    for uri in uris:
+        for row, record in data.load_synthetic(uri).rows:
+            prompt = data.encode_prompt(tokenizer, row.prompt, s.max_prompt_length)
+            room = s.max_length - len(prompt)
+            trusted = (record.scored and record.model_digest == ref_digest
+                       and (record.max_length, record.max_prompt_length) == (s.max_length, s.max_prompt_length))
+            pairs.append(batching.Pair(
+                real=prompt + data.encode_response(tokenizer, row.real, room),
+                generated=prompt + data.encode_response(tokenizer, row.generated_ids, room),
+                prompt_len=len(prompt),
+                ref_real=row.ref_real_logp if trusted else None,
+                ref_generated=row.ref_generated_logp if trusted else None,
+            ))
+    return pairs
+
+
+def batch_logps(model: Callable[..., Any], batch: batching.Batch) -> torch.Tensor:
+    """Summed response log-probs of the batch's 2B sequences in one forward; (2B,)."""
+    from spin_k8s.workers.loss import sequence_logps
+
+    k = batch.keep
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=k, use_cache=False)
+    return sequence_logps(out.logits, batch.input_ids[:, -k:], batch.response_mask[:, -k:])  # (2B,)
+
+
+def score_pairs(model: Callable[..., Any], pairs: Sequence[batching.Pair], todo: Sequence[int], dist: Dist,
+                micro_batch_size: int, pad_id: int, device: torch.device) -> dict[int, tuple[float, float]]:
+    """(real, generated) summed log-probs of ``pairs[i]`` for i in ``todo``, computed without gradients
+    with the work split over the ranks, and known to every rank afterwards."""
+    import torch
+    import torch.distributed
+
+    ordered = sorted(todo, key=lambda i: -pairs[i].length)  # similar lengths share a batch
+    per_rank = math.ceil(len(ordered) / dist.world_size)
+    mine = ordered[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+    found: dict[int, tuple[float, float]] = {}
+    # Every rank runs the same number of forwards: under ZeRO-3 each one gathers weights collectively.
+    for start in range(0, per_rank, micro_batch_size):
+        chunk = mine[start:start + micro_batch_size]
+        batch = batching.collate([pairs[i] for i in chunk or ordered[:1]], pad_id).to(device)
+        with torch.no_grad():
+            logps = batch_logps(model, batch).tolist()
+        found.update((i, (logps[k], logps[len(chunk) + k])) for k, i in enumerate(chunk))
+    gathered: list[dict[int, tuple[float, float]]] = [{} for _ in range(dist.world_size)]
+    torch.distributed.all_gather_object(gathered, found)
+    return {i: v for part in gathered for i, v in part.items()}
+
+
+def with_reference(pairs: list[batching.Pair], scores: Mapping[int, tuple[float, float]]) -> list[batching.Pair]:
+    return [replace(p, ref_real=scores[i][0], ref_generated=scores[i][1]) if i in scores else p
+            for i, p in enumerate(pairs)]
+
+
+def evaluate(engine: Any, pairs: list[batching.Pair], s: TrainSettings, dist: Dist, pad_id: int) -> dict[str, float]:
+    """Reward accuracy and margin of the current policy on held-out pairs (with reference log-probs): how
+    well the model tells real from synthetic responses. Near 0.5 accuracy and 0 margin, it no longer can."""
+    import torch
+
+    from spin_k8s.workers.loss import spin_loss
+
+    engine.eval()
+    scores = score_pairs(engine, pairs, range(len(pairs)), dist, s.micro_batch_size, pad_id, engine.device)
+    engine.train()
+    policy = torch.tensor([scores[i] for i in range(len(pairs))])  # (N, 2)
+    ref = torch.tensor([(p.ref_real, p.ref_generated) for p in pairs])  # (N, 2)
+    losses, real, generated = spin_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], s.beta, s.loss_type)
+    return {"eval/loss": losses.mean().item(), "eval/rewards/accuracies": (real > generated).float().mean().item(),
+            "eval/rewards/margins": (real - generated).mean().item(), "eval/pairs": float(len(pairs))}
+
+
+# --- Checkpoints ---------------------------------------------------------------------------------------------
+
+
+def local_checkpoint_dir(s: TrainSettings) -> Path:
+    """Where DeepSpeed writes checkpoints: the directory itself, or a node-local staging copy of an S3 one."""
+    assert s.checkpoint_dir is not None
+    if not storage.is_s3(s.checkpoint_dir):
+        return Path(storage.parse(s.checkpoint_dir).key)
+    return s.cache_dir / "checkpoints" / hashlib.sha256(s.checkpoint_dir.encode()).hexdigest()[:24]
+
+
+def save_checkpoint(engine: Any, s: TrainSettings, dist: Dist, step: int, history: list[dict[str, float]]) -> None:
+    assert s.checkpoint_dir is not None
+    tag = f"step-{step:08d}"
+    local = local_checkpoint_dir(s)
+    engine.save_checkpoint(str(local), tag=tag, client_state={"step": step, "history": history})
+    if storage.is_s3(s.checkpoint_dir):
+        barrier()
+        if dist.local_rank == 0:  # each node uploads what its ranks wrote
+            storage.upload_dir(local / tag, storage.join(s.checkpoint_dir, tag))
+        barrier()
+        if dist.rank == 0:  # "latest" last: it only ever names a complete upload
+            storage.write_bytes(storage.join(s.checkpoint_dir, "latest"), tag.encode())
+    barrier()
+    if dist.rank == 0:
+        runtime.log(event="checkpoint", step=step, tag=tag, uri=s.checkpoint_dir)
+
+
+def restore(engine: Any, s: TrainSettings, dist: Dist) -> tuple[int, list[dict[str, float]]]:
+    """(steps already done, their metrics) from the latest checkpoint; (0, []) without one."""
+    if s.checkpoint_dir is None:
+        return 0, []
+    local = local_checkpoint_dir(s)
+    if storage.is_s3(s.checkpoint_dir):
+        try:
+            tag = storage.read_bytes(storage.join(s.checkpoint_dir, "latest")).decode().strip()
+        except storage.NotFoundError:
+            return 0, []
+        if dist.local_rank == 0 and not (local / tag).is_dir():
+            storage.download_dir(storage.join(s.checkpoint_dir, tag), local / tag)
+        barrier()
+    else:
+        if not (local / "latest").is_file():
+            return 0, []
+        tag = (local / "latest").read_text().strip()
+    path, client = engine.load_checkpoint(str(local), tag=tag)
+    if path is None:
+        raise RuntimeError(f"could not load checkpoint {tag} from {s.checkpoint_dir}")
+    if dist.rank == 0:
+        runtime.log(event="resume", step=client["step"], tag=tag)
+    return int(client["step"]), list(client["history"])
+
+
+def save_model(engine: Any, tokenizer: PreTrainedTokenizerBase, s: TrainSettings, dist: Dist,
+               metrics: dict[str, Any]) -> None:
+    """The Hugging Face checkpoint (safetensors) and tokenizer, then ``metrics.json`` last, from rank 0."""
+    if s.zero_stage == 3:  # collective: every rank sends its partitions, rank 0 receives the whole model
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if dist.rank == 0 else None
+    if dist.rank == 0:
+        local = storage.parse(s.output)
+        staging = (Path(tempfile.mkdtemp(dir=s.cache_dir, prefix="output-")) if local.scheme == "s3"
+                   else Path(local.key))
+        engine.module.save_pretrained(staging, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if local.scheme == "s3":
+            storage.upload_dir(staging, s.output)
+        storage.write_bytes(storage.join(s.output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
+        runtime.log(event="saved", uri=s.output)
+    barrier()
+
+
+# --- The loop ------------------------------------------------------------------------------------------------
+
+
+def train(s: TrainSettings) -> int:
+    dist = init_distributed()
+    if storage.exists(storage.join(s.output, METRICS_FILE)):
+        if dist.rank == 0:
+            runtime.log(event="skip", reason="output already complete", uri=s.output)
+        return 0
+
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    from spin_k8s.workers.loss import spin_loss
+
+    s.cache_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = runtime.fetch_model(s.model, s.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ref_digest = storage.digest_dir(model_dir)
+    pairs = load_pairs(data.mix(s.iteration, s.keep_previous, s.synthetic), tokenizer, s, ref_digest)
+    eval_pairs = load_pairs([s.eval_data], tokenizer, s, ref_digest) if s.eval_data else []
+    global_batch = s.micro_batch_size * s.gradient_accumulation_steps * dist.world_size
+    if len(pairs) < global_batch:
+        raise data.DataError(f"{len(pairs)} pairs cannot fill one global batch of {global_batch} "
+                             f"(micro batch x accumulation x world size)")
+    steps = s.max_steps or s.epochs * (len(pairs) // global_batch)
+    lengths = [p.length for p in pairs]
+
+    ds_config = deepspeed_config(s, dist.world_size, node_local_checkpoints=storage.is_s3(s.checkpoint_dir or ""))
+    compute_dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
+    ref_model = None
+    if s.reference == "live":  # loaded before ZeRO-3 is announced to transformers: it must stay whole
+        ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute_dtype).requires_grad_(False)
+    # Kept alive while the policy loads: under ZeRO-3 it makes from_pretrained partition weights as it loads.
+    zero3_loading = HfDeepSpeedConfig(ds_config) if s.zero_stage == 3 else None  # type: ignore[no-untyped-call]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer_class = torch.optim.RMSprop if s.optimizer == "rmsprop" else torch.optim.AdamW
+    optimizer = optimizer_class(model.parameters(), lr=s.learning_rate, weight_decay=0.0)
+    warmup = math.ceil(s.warmup_ratio * steps)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: linear_schedule(k, steps, warmup)))
+    if ref_model is not None:
+        ref_model.to(engine.device)
+
+    # Reference log-probs the shards do not carry: the policy has not moved yet, so it is the reference.
+    ref_counts = {"precomputed": sum(p.ref_real is not None for p in pairs), "live": 0, "first_pass": 0}
+    if s.reference == "live":
+        ref_counts.update(precomputed=0, live=len(pairs))
+        pairs = [replace(p, ref_real=None, ref_generated=None) for p in pairs]
+    everything = [*pairs, *eval_pairs]
+    todo = [i for i, p in enumerate(everything) if p.ref_real is None and (s.reference != "live" or i >= len(pairs))]
+    if todo:
+        engine.eval()
+        scores = score_pairs(engine, everything, todo, dist, s.micro_batch_size, pad_id, engine.device)
+        engine.train()
+        everything = with_reference(everything, scores)
+        pairs, eval_pairs = everything[:len(pairs)], everything[len(pairs):]
+        ref_counts["first_pass"] = sum(i < len(pairs) for i in todo)
+
+    start, history = restore(engine, s, dist)
+    if dist.rank == 0:
+        # Under ZeRO-3 a parameter's data is only this rank's partition; ds_numel is the whole size.
+        params = list(engine.module.parameters())
+        runtime.log(event="start", pairs=len(pairs), eval_pairs=len(eval_pairs), steps=steps, first_step=start + 1,
+                    global_batch=global_batch, world_size=dist.world_size, zero_stage=s.zero_stage,
+                    parameters=sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                    parameters_on_rank=sum(getattr(p, "ds_tensor", p).numel() for p in params))
+    engine.train()
+    for step in range(start, steps):
+        began = time.monotonic()
+        lr = float(engine.get_lr()[0])
+        # loss, real reward, generated reward, correct pairs, pairs, tokens: summed over micro-batches and ranks
+        sums = torch.zeros(6, dtype=torch.float64)
+        indices = batching.global_batch(len(pairs), global_batch, s.seed, step)
+        for chunk in batching.micro_batches(indices, lengths, s.micro_batch_size, dist.world_size, dist.rank):
+            batch = batching.collate([pairs[i] for i in chunk], pad_id).to(engine.device)
+            b = len(chunk)
+            logps = batch_logps(engine, batch)  # (2B,) real rows first
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref = batch_logps(ref_model, batch)  # (2B,)
+            else:
+                assert batch.ref_logps is not None
+                ref = batch.ref_logps
+            losses, real, generated = spin_loss(logps[:b], logps[b:], ref[:b], ref[b:], s.beta, s.loss_type)
+            engine.backward(losses.mean())
+            engine.step()  # an optimizer step at the accumulation boundary, else gradient accumulation
+            sums += torch.tensor([losses.sum().item(), real.sum().item(), generated.sum().item(),
+                                  (real > generated).sum().item(), b, batch.tokens], dtype=torch.float64)
+        torch.distributed.all_reduce(sums)
+        seconds = time.monotonic() - began
+        loss, real_reward, generated_reward, correct, n, tokens = sums.tolist()
+        metrics = {"step": step + 1, "loss": loss / n, "rewards/real": real_reward / n,
+                   "rewards/generated": generated_reward / n, "rewards/margins": (real_reward - generated_reward) / n,
+                   "rewards/accuracies": correct / n, "lr": lr, "tokens": tokens, "seconds": seconds,
+                   "tokens/s": tokens / seconds}
+        history.append(metrics)
+        if dist.rank == 0:
+            runtime.log(event="step", **metrics)
+        if s.checkpoint_dir and s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < steps:
+            save_checkpoint(engine, s, dist, step + 1, history)
+
+    summary: dict[str, Any] = {
+        "iteration": s.iteration, "steps": steps, "pairs": len(pairs), "global_batch": global_batch,
+        "world_size": dist.world_size, "reference": ref_counts,
+        "final": history[-1] if history else {},
+        "tokens/s": sum(h["tokens"] for h in history) / max(sum(h["seconds"] for h in history), 1e-9),
+        "eval": evaluate(engine, eval_pairs, s, dist, pad_id) if eval_pairs else None,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+        "history": history,
+    }
+    if dist.rank == 0 and summary["eval"]:
+        runtime.log(event="eval", **summary["eval"])
+    save_model(engine, tokenizer, s, dist, summary)
+    del zero3_loading
+    return 0
+
+
+# --- The command line ----------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m spin_k8s.workers.train",
+        description="Train one SPIN iteration (real vs synthetic responses) with DeepSpeed; run under torchrun.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  torchrun --nproc-per-node 8 -m spin_k8s.workers.train --model s3://b/run/iter-1/model \\\n"
+               "    --synthetic 0=s3://b/run/iter-0/synthetic --synthetic 1=s3://b/run/iter-1/synthetic \\\n"
+               "    --iteration 1 --output s3://b/run/iter-2/model --checkpoint-dir s3://b/run/iter-1/ckpt\n"
+               "exit codes: 0 done or already done, 2 bad usage or unusable data, other: retry",
+    )
+    a = p.add_argument
+    a("--model", required=True, help="the iteration's starting model (policy init and reference): local "
+      "directory or s3:// prefix (example: s3://spin/demo/iter-0/model)")
+    a("--synthetic", action="append", default=[], metavar="ITERATION=URI", required=True,
+      help="a synthetic set (generation output prefix) and its iteration; repeat for each available one "
+      "(example: --synthetic 0=s3://spin/demo/iter-0/synthetic)")
+    a("--iteration", type=int, default=0, help="this SPIN iteration (default 0; example: 2)")
+    a("--keep-previous", type=int, default=1, help="previous iterations' synthetic sets mixed in "
+      "(default 1, as in the paper; example: 2)")
+    a("--output", required=True, help="prefix for the trained model, tokenizer and metrics.json "
+      "(example: s3://spin/demo/iter-1/model)")
+    a("--eval-data", default=None, help="held-out synthetic set: reward accuracy after training goes into "
+      "metrics.json (default none; example: s3://spin/demo/iter-0/heldout)")
+    a("--checkpoint-dir", default=None, help="DeepSpeed checkpoints, resumed from automatically: a path all "
+      "nodes share or an s3:// prefix (default none; example: s3://spin/demo/iter-0/checkpoints)")
+    a("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints, 0 = never "
+      "(default 0; example: 200)")
+    a("--zero-stage", type=int, choices=(0, 1, 2, 3), default=3, help="DeepSpeed ZeRO stage (default 3)")
+    a("--precision", choices=("bf16", "fp32"), default="bf16", help="training precision (default bf16)")
+    a("--optimizer", choices=("rmsprop", "adamw"), default="rmsprop", help="default rmsprop, as in the paper")
+    a("--learning-rate", type=float, default=5e-7, help="peak learning rate (default 5e-7; example: 1e-7)")
+    a("--beta", type=float, default=0.1, help="SPIN beta (default 0.1; example: 5.0)")
+    a("--loss-type", choices=LOSS_TYPES, default="sigmoid", help="default sigmoid; example: hinge")
+    a("--warmup-ratio", type=float, default=0.1, help="share of steps warming up linearly (default 0.1)")
+    a("--epochs", type=int, default=2, help="passes over the pairs (default 2, as in the paper)")
+    a("--max-steps", type=int, default=0, help="optimizer steps, overriding --epochs; 0 = from epochs "
+      "(default 0; example: 500)")
+    a("--micro-batch-size", type=int, default=8, help="pairs per process per forward (default 8)")
+    a("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    a("--max-length", type=int, default=1024, help="prompt + response tokens (default 1024)")
+    a("--max-prompt-length", type=int, default=512, help="prompt tokens, kept from the end (default 512)")
+    a("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 = off (default 1.0)")
+    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+      help="recompute activations in backward to save memory (default on; example: --no-gradient-checkpointing)")
+    a("--reference", choices=("precomputed", "live"), default="precomputed",
+      help="reference log-probs: precomputed = from the shards where the opponent scored them, the rest in one "
+      "pass before training; live = a frozen model copy every step (default precomputed)")
+    a("--seed", type=int, default=42, help="data order seed (default 42)")
+    a("--cache-dir", type=Path, default=None, help="local cache for models and checkpoint staging "
+      "(default $SPIN_CACHE_DIR or /tmp/spin-cache; example: /cache)")
+    return p
+
+
+def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
+    args = parser().parse_args(argv)
+    numbers = (args.micro_batch_size, args.gradient_accumulation_steps, args.epochs or args.max_steps)
+    if min(numbers) < 1 or args.max_steps < 0 or args.checkpoint_every < 0 or args.keep_previous < 0:
+        raise runtime.UsageError("batch sizes, accumulation and epochs/steps must be >= 1; counts >= 0")
+    if args.max_prompt_length < 1 or args.max_length <= args.max_prompt_length:
+        raise runtime.UsageError("need --max-length > --max-prompt-length >= 1")
+    if not 0 <= args.warmup_ratio < 1 or args.learning_rate <= 0 or args.beta <= 0:
+        raise runtime.UsageError("need 0 <= --warmup-ratio < 1, --learning-rate > 0 and --beta > 0")
+    if args.checkpoint_every and not args.checkpoint_dir:
+        raise runtime.UsageError("--checkpoint-every needs --checkpoint-dir")
+    return TrainSettings(
+        model=args.model, synthetic=data.parse_assignments(args.synthetic), iteration=args.iteration,
+        keep_previous=args.keep_previous, output=args.output, eval_data=args.eval_data,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, zero_stage=args.zero_stage,
+        precision=args.precision, optimizer=args.optimizer, learning_rate=args.learning_rate, beta=args.beta,
+        loss_type=args.loss_type, warmup_ratio=args.warmup_ratio, epochs=args.epochs, max_steps=args.max_steps,
+        micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_length=args.max_length, max_prompt_length=args.max_prompt_length, max_grad_norm=args.max_grad_norm,
+        gradient_checkpointing=args.gradient_checkpointing, reference=args.reference, seed=args.seed,
+        cache_dir=args.cache_dir or runtime.default_cache_dir(),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    code = runtime.run_cli(lambda: train(settings_from_args(argv)))
+    with contextlib.suppress(Exception):
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Shared by the worker tests: the length limits they all use, running the workers as processes the way
+the Jobs do, and small synthetic sets cut from a generated one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from spin_k8s import storage
+from spin_k8s.workers import data, tiny
+
+MAX_PROMPT_LENGTH = 48
+MAX_LENGTH = 80
+MAX_TOKENS = 12
+
+
+def generate_args(assets: tiny.TinyAssets, output: Path | str, *extra: str) -> list[str]:
+    """Generation worker arguments for the tiny model (transformers engine unless ``extra`` overrides)."""
+    return ["--model", str(assets.model_dir), "--data", str(assets.data_path), "--output", str(output),
+            "--engine", "transformers", "--max-tokens", str(MAX_TOKENS), "--max-length", str(MAX_LENGTH),
+            "--max-prompt-length", str(MAX_PROMPT_LENGTH), "--run-name", "test", *extra]
+
+
+def worker_env(cache: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a worker pod gets on a CPU node: DeepSpeed's CPU accelerator, one thread per rank."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "SPIN_CACHE_DIR": str(cache),
+            "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def train_command(nproc: int, args: list[str]) -> list[str]:
+    """``torchrun ... -m spin_k8s.workers.train ARGS``, or a plain process for one rank."""
+    if nproc == 1:
+        return [sys.executable, "-m", "spin_k8s.workers.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "spin_k8s.workers.train", *args]
+
+
+def events(stdout: str) -> list[dict[str, object]]:
+    """The JSON-line events of a worker's stdout (other lines are library chatter)."""
+    out = []
+    for line in stdout.splitlines():
+        if line.startswith("{") and '"event"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+def run_train(nproc: int, args: list[str], cache: Path, extra_env: dict[str, str] | None = None,
+              timeout: float = 300) -> tuple[list[dict[str, object]], str]:
+    proc = subprocess.run(train_command(nproc, args), env=worker_env(cache, extra_env), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return events(proc.stdout), proc.stdout
+
+
+def subset(source: Path, rows: int, out: Path, *, scored: bool) -> Path:
+    """A one-shard synthetic set with the first ``rows`` rows of ``source``; ``scored=False`` drops the
+    reference log-probs so that training must compute them itself."""
+    picked = [row for row, _ in data.load_synthetic(str(source)).rows[:rows]]
+    record = data.load_synthetic(str(source)).rows[0][1]
+    if not scored:
+        picked = [dataclasses.replace(r, ref_real_logp=None, ref_generated_logp=None) for r in picked]
+    body = "".join(r.to_json() + "\n" for r in picked).encode()
+    storage.write_bytes(str(out / data.shard_name(0, 1)), body)
+    done = dataclasses.replace(record, shard=0, num_shards=1, rows=rows, sha256=storage.sha256_bytes(body),
+                               scored=scored)
+    storage.write_bytes(str(out / data.done_name(0, 1)), done.to_json().encode())
+    return out

@@ -1,0 +1,169 @@
+"""The training worker as the Job runs it: two DeepSpeed processes on CPU under torchrun (gloo), a few steps
+of the tiny model on one fixed global batch of 4 pairs.
+
+Runs: ZeRO-0 and ZeRO-3 in fp32 (same losses), ZeRO-2 in bf16 with AdamW (learns), ZeRO-3 killed after its
+first checkpoint and resumed from S3 (same final weights as the uninterrupted ZeRO-3 run), and two
+single-process runs comparing precomputed reference log-probs with a live reference model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spin_k8s import storage
+from spin_k8s.workers import tiny
+
+from .helpers import MAX_LENGTH, MAX_PROMPT_LENGTH, events, run_train, subset, train_command, worker_env
+
+STEPS = 6
+
+
+def base_args(assets: tiny.TinyAssets, synthetic: Path, output: str, *extra: str) -> list[str]:
+    return ["--model", str(assets.model_dir), "--synthetic", f"0={synthetic}", "--output", output,
+            "--max-length", str(MAX_LENGTH), "--max-prompt-length", str(MAX_PROMPT_LENGTH), "--learning-rate", "1e-3",
+            "--beta", "0.1", "--warmup-ratio", "0", "--micro-batch-size", "2", "--max-steps", str(STEPS),
+            "--precision", "fp32", *extra]
+
+
+def steps_of(evs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in evs if e["event"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def fixed_batch(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 pairs without reference log-probs: every run fills them in its pass before training."""
+    return subset(synthetic, 4, tmp_path_factory.mktemp("fixed"), scored=False)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tiny_assets: tiny.TinyAssets, fixed_batch: Path, tmp_path_factory: pytest.TempPathFactory
+              ) -> tuple[list[dict[str, Any]], Path]:
+    """ZeRO-3, fp32, checkpointing every 2 steps to a shared path, held-out evaluation on the same pairs."""
+    tmp = tmp_path_factory.mktemp("zero3")
+    evs, _ = run_train(2, base_args(tiny_assets, fixed_batch, str(tmp / "out"), "--zero-stage", "3",
+                                    "--checkpoint-dir", str(tmp / "ckpt"), "--checkpoint-every", "2",
+                                    "--eval-data", str(fixed_batch)), tmp / "cache")
+    return evs, tmp / "out"
+
+
+def assert_learns(steps: list[dict[str, Any]]) -> None:
+    assert len(steps) == STEPS
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
+    assert steps[0]["rewards/accuracies"] == 0.0
+    assert steps[-1]["loss"] < math.log(2) - 0.15
+    assert steps[-1]["rewards/accuracies"] == 1.0 and steps[-1]["rewards/margins"] > 0.2
+    assert all(s["tokens"] > 0 and s["tokens/s"] > 0 for s in steps)
+
+
+def test_zero3_learns_the_fixed_batch_and_writes_a_checkpoint(zero3_run: tuple[list[dict[str, Any]], Path]) -> None:
+    evs, out = zero3_run
+    assert_learns(steps_of(evs))
+    start = next(e for e in evs if e["event"] == "start")
+    assert start["world_size"] == 2 and start["zero_stage"] == 3 and start["global_batch"] == 4
+    assert start["parameters_on_rank"] < 0.7 * start["parameters"]  # the weights really are partitioned
+    assert [e["step"] for e in evs if e["event"] == "checkpoint"] == [2, 4]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "metrics.json"} <= {
+        p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["history"] == [{k: v for k, v in s.items() if k != "event"} for s in steps_of(evs)]
+    assert metrics["reference"] == {"precomputed": 0, "live": 0, "first_pass": 4}
+    assert metrics["eval"]["eval/pairs"] == 4 and metrics["eval"]["eval/rewards/accuracies"] == 1.0
+    assert metrics["eval"]["eval/loss"] < math.log(2) - 0.15
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # a whole, loadable Hugging Face checkpoint
+
+
+def test_zero2_bf16_adamw_learns_the_fixed_batch(tiny_assets: tiny.TinyAssets, fixed_batch: Path,
+                                                 tmp_path: Path) -> None:
+    evs, _ = run_train(2, base_args(tiny_assets, fixed_batch, str(tmp_path / "out"), "--zero-stage", "2",
+                                    "--precision", "bf16", "--optimizer", "adamw"), tmp_path / "cache")
+    assert_learns(steps_of(evs))
+
+
+def test_zero0_and_zero3_give_the_same_losses(tiny_assets: tiny.TinyAssets, fixed_batch: Path, tmp_path: Path,
+                                              zero3_run: tuple[list[dict[str, Any]], Path]) -> None:
+    evs, _ = run_train(2, base_args(tiny_assets, fixed_batch, str(tmp_path / "out"), "--zero-stage", "0",
+                                    "--no-gradient-checkpointing"), tmp_path / "cache")
+    zero0 = [s["loss"] for s in steps_of(evs)]
+    zero3 = [s["loss"] for s in steps_of(zero3_run[0])]
+    assert zero0 == pytest.approx(zero3, abs=1e-4)
+    a = load_file(tmp_path / "out" / "model.safetensors")
+    b = load_file(zero3_run[1] / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+
+
+@pytest.mark.s3
+def test_killed_after_a_checkpoint_resumes_to_the_same_weights(
+        tiny_assets: tiny.TinyAssets, fixed_batch: Path, tmp_path: Path, s3_server: Any, bucket: str,
+        zero3_run: tuple[list[dict[str, Any]], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like a pod killed mid-run: every process dies at once after checkpoint 2 reached S3; a new pod with
+    an empty disk resumes from S3 and must end where the uninterrupted run ended."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    out = f"s3://{bucket}/iter-1/model"
+    args = base_args(tiny_assets, fixed_batch, out, "--zero-stage", "3", "--checkpoint-dir",
+                     f"s3://{bucket}/iter-0/ckpt", "--checkpoint-every", "2", "--eval-data", str(fixed_batch))
+    first = subprocess.Popen(train_command(2, args), env=worker_env(tmp_path / "cache-1"), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        assert first.stdout is not None
+        for line in first.stdout:
+            seen.append(line)
+            if '"event":"checkpoint"' in line:
+                break
+    finally:
+        # torchrun starts each rank in its own session: kill the whole tree, as a pod's end would.
+        tree = [first.pid, *(c.pid for c in psutil.Process(first.pid).children(recursive=True))]
+        for pid in tree:
+            os.kill(pid, signal.SIGKILL)
+        first.communicate()
+    assert [e["step"] for e in events("".join(seen)) if e["event"] == "checkpoint"] == [2]
+    assert not storage.exists(storage.join(out, "metrics.json"))
+
+    evs, _ = run_train(2, args, tmp_path / "cache-2")
+    assert [e["step"] for e in evs if e["event"] == "resume"] == [2]
+    assert [s["step"] for s in steps_of(evs)] == [3, 4, 5, 6]
+
+    local = storage.download_dir(out, tmp_path / "resumed")
+    metrics = json.loads((local / "metrics.json").read_text())
+    uninterrupted = json.loads((zero3_run[1] / "metrics.json").read_text())
+    assert [h["loss"] for h in metrics["history"]] == [h["loss"] for h in uninterrupted["history"]]
+    resumed, reference = load_file(local / "model.safetensors"), load_file(zero3_run[1] / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)  # bit for bit
+
+
+def test_precomputed_reference_gives_the_losses_of_a_live_reference(
+        tiny_assets: tiny.TinyAssets, synthetic: Path, tmp_path: Path) -> None:
+    """One process, gradient accumulation 2: the generation worker's scores vs a frozen model copy."""
+    scored = subset(synthetic, 8, tmp_path / "scored", scored=True)
+    runs = {}
+    for mode in ("precomputed", "live"):
+        out = tmp_path / mode
+        evs, _ = run_train(1, base_args(tiny_assets, scored, str(out), "--zero-stage", "0", "--reference", mode,
+                                        "--gradient-accumulation-steps", "2", "--max-steps", "3"), tmp_path / "cache")
+        runs[mode] = (steps_of(evs), json.loads((out / "metrics.json").read_text()))
+    assert runs["precomputed"][1]["reference"] == {"precomputed": 8, "live": 0, "first_pass": 0}
+    assert runs["live"][1]["reference"] == {"precomputed": 0, "live": 8, "first_pass": 0}
+    precomputed, live = ([s["loss"] for s in runs[m][0]] for m in ("precomputed", "live"))
+    assert len(precomputed) == 3 and precomputed[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert precomputed == pytest.approx(live, abs=1e-5)
+    assert precomputed[-1] < precomputed[0]
+    a = load_file(tmp_path / "precomputed" / "model.safetensors")
+    b = load_file(tmp_path / "live" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert not torch.equal(a["lm_head.weight"], load_file(tiny_assets.model_dir / "model.safetensors")["lm_head.weight"])
