@@ -232,7 +232,8 @@ def main() -> None:
               f"(ln 2 = {math.log(2):.6f})")
         agree = (abs(real_logp - trl["initial"]["eval_logps/chosen"]) < 1e-3
                  and abs(generated_logp - trl["initial"]["eval_logps/rejected"]) < 1e-3
-                 and abs(ours["history"][0]["loss"] - math.log(2)) < 1e-5 and abs(trl["losses"][0] - math.log(2)) < 1e-5)
+                 and abs(ours["history"][0]["loss"] - math.log(2)) < 1e-5
+                 and abs(trl["losses"][0] - math.log(2)) < 1e-5)
         print(f"  agree: {agree}")
 
         seconds = {name: sum(h["seconds"] for h in m["history"]) for name, m in

@@ -90,7 +90,7 @@ def test_failed_generation_fails_the_run_until_resumed() -> None:
 def test_second_iteration_uses_first_model_and_mixes_previous_synthetic_set() -> None:
     steps = {(0, GEN): {}, (0, TRAIN): {"metrics": {}}, (1, GEN): {}}
     p = planner.plan(make_run(), Observed(services=SVC0), Lineage(steps=steps), NOW)
-    train = [a.body for a in p.actions if isinstance(a, CreateJob)][0]
+    train = next(a.body for a in p.actions if isinstance(a, CreateJob))
     args = train["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--model") + 1] == "s3://b/spin/ns/demo/u-1/i0/model"
     assert [a for a in args if a.startswith("--synthetic=")] == [
@@ -144,7 +144,7 @@ def test_last_transition_time_moves_only_when_status_flips() -> None:
 
 @pytest.mark.parametrize("attempt", [0, 3])
 def test_planning_is_deterministic(attempt: int) -> None:
-    obs = Observed(tuple(job(0, TRAIN, "failed", a) for a in range(attempt)) + (job(0, GEN, "complete"),), SVC0)
+    obs = Observed((*(job(0, TRAIN, "failed", a) for a in range(attempt)), job(0, GEN, "complete")), SVC0)
     lineage = Lineage(steps={(0, GEN): {}})
     assert planner.plan(make_run(), obs, lineage, NOW) == planner.plan(make_run(), obs, lineage, NOW)
 
