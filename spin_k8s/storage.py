@@ -142,6 +142,7 @@ def write_bytes(uri: str, data: bytes, *, if_absent: bool = False) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the object is meant to be read by other pods too
         if if_absent:
             # A hard link is an exclusive create (like O_EXCL) that also publishes the complete content.
             try:

@@ -1,10 +1,10 @@
 """Pairs to tensors for the training worker: tokenized pairs, the data order, length-grouped micro-batches
 and their collation (real first, then generated; see ``loss``).
 
-The order is a pure function of (number of pairs, global batch, seed, step), so every rank, and a run
-resumed after a crash, sees the same pairs at the same step. Within one global batch the pairs are sorted
-by length before they are dealt into micro-batches: each micro-batch is padded only to its own longest
-sequence, and similar lengths share a micro-batch, which keeps padding small.
+The order is a pure function of (pair lengths, global batch, seed, epoch), so every rank, and a run
+resumed after a crash, sees the same pairs at the same step. Padding is kept small twice: global batches are
+formed from pairs of similar lengths (``epoch_batches`` with a window), and within a global batch the pairs
+are sorted by length before they are dealt into micro-batches, each padded only to its own longest sequence.
 """
 
 from __future__ import annotations
@@ -42,10 +42,6 @@ class Batch:
     keep: int  # logits needed: the last `keep` positions cover every response token's prediction
     ref_logps: torch.Tensor | None  # (2B,) when every pair carries reference log-probs
 
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
     def to(self, device: torch.device) -> Batch:
         ref = None if self.ref_logps is None else self.ref_logps.to(device)
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
@@ -58,14 +54,26 @@ def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def global_batch(num_pairs: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Pair indices of optimizer step ``step`` (0-based). Each epoch is a fresh permutation; its last
-    incomplete batch is dropped, so every step has exactly ``batch_size`` pairs."""
-    per_epoch = num_pairs // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"{num_pairs} pairs cannot fill one global batch of {batch_size}")
-    epoch, index = divmod(step, per_epoch)
-    return epoch_order(num_pairs, seed, epoch)[index * batch_size:(index + 1) * batch_size]
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, window: int) -> list[list[int]]:
+    """The global batches (pair indices) of one epoch: a fresh permutation cut into batches; the last
+    incomplete batch is dropped, so every step has exactly ``batch_size`` pairs.
+
+    With ``window`` > 1, each run of ``window`` batches is re-cut after sorting its pairs by length, so that
+    a batch holds pairs of similar lengths and pads little; the batches are then shuffled, so long and short
+    ones alternate at random (Hugging Face's ``group_by_length`` does the same).
+    """
+    count = len(lengths) // batch_size
+    if count == 0:
+        raise ValueError(f"{len(lengths)} pairs cannot fill one global batch of {batch_size}")
+    order = epoch_order(len(lengths), seed, epoch)[:count * batch_size]
+    if window <= 1:
+        return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    batches = []
+    for start in range(0, len(order), window * batch_size):
+        group = sorted(order[start:start + window * batch_size], key=lambda i: (-lengths[i], i))
+        batches += [group[k:k + batch_size] for k in range(0, len(group), batch_size)]
+    random.Random(f"{seed}:{epoch}:batches").shuffle(batches)
+    return batches
 
 
 def micro_batches(indices: Sequence[int], lengths: Sequence[int], micro_batch_size: int, world_size: int,

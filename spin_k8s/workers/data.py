@@ -24,7 +24,7 @@ from spin_k8s import storage
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-_SHARD_RE = re.compile(r"shard-(\d{5})-of-(\d{5})\.jsonl$")
+_SHARD_RE = re.compile(r"shard-\d{5}-of-\d{5}\.jsonl$")
 
 
 class DataError(ValueError):

@@ -1,9 +1,10 @@
 """The generation worker: entrypoint of an iteration's generation Job (one pod per shard).
 
 The opponent model samples one synthetic response per prompt of its shard and writes
-``{output}/shard-{i:05d}-of-{n:05d}.jsonl`` (``data.SyntheticRow`` lines), then, last and only if absent, the
-shard's ``.done.json`` record (``data.ShardRecord``). A shard whose record exists is finished: a rerun exits
-0 at once, so a retried or duplicated pod is harmless. With ``--score-reference`` the opponent also scores
+``{output}/shard-{i:05d}-of-{n:05d}.jsonl`` (``data.SyntheticRow`` lines), then, last, the shard's
+``.done.json`` record (``data.ShardRecord``); both only if absent. A shard whose record exists is finished: a
+rerun exits 0 at once. Whatever the interleaving of retried or duplicated pods, the record describes exactly
+the shard content that is stored. With ``--score-reference`` the opponent also scores
 the real and the generated responses, so training can skip the reference model.
 
 Engines: vLLM, or transformers where vLLM cannot be imported; both take prompt token ids from
@@ -226,8 +227,10 @@ def open_engine(settings: GenerateSettings, model_dir: Path, tokenizer: PreTrain
     if name == "vllm":
         eos = tokenizer.eos_token_id
         assert isinstance(eos, int)
-        longest = max(settings.max_prompt_length + settings.max_tokens, settings.max_length)
-        return VllmEngine(model_dir, settings, eos, max_model_len=longest + 1)
+        # Scoring a sequence of max_length tokens also samples one token: hence + 1, within the model's reach.
+        longest = max(settings.max_prompt_length + settings.max_tokens, settings.max_length) + 1
+        context = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings", longest)
+        return VllmEngine(model_dir, settings, eos, max_model_len=min(longest, int(context)))
     return TransformersEngine(model_dir, settings, tokenizer)
 
 
@@ -281,9 +284,14 @@ def run(settings: GenerateSettings, engine: Engine | None = None) -> int:
                               ref_real_logp=rr, ref_generated_logp=rg)
             for ex, ids, rr, rg in zip(examples, generated, ref_real, ref_generated, strict=True)]
     body = "".join(row.to_json() + "\n" for row in rows).encode()
-    storage.write_bytes(shard_uri, body)
+    try:
+        storage.write_bytes(shard_uri, body, if_absent=True)
+    except storage.AlreadyExistsError:
+        # A twin pod, or an attempt that died before writing its record, stored this shard first. Writes are
+        # whole, so it is complete: keep it, and let the record describe what is stored, never a mix.
+        body = storage.read_bytes(shard_uri)
     record = data.ShardRecord(
-        shard=i, num_shards=n, rows=len(rows), sha256=storage.sha256_bytes(body), engine=engine.name,
+        shard=i, num_shards=n, rows=body.count(b"\n"), sha256=storage.sha256_bytes(body), engine=engine.name,
         engine_version=engine.version, sampling=asdict(sampling), model=settings.model,
         model_digest=storage.digest_dir(model_dir), scored=settings.score_reference,
         max_prompt_length=settings.max_prompt_length, max_length=settings.max_length, data=settings.data)
@@ -293,7 +301,7 @@ def run(settings: GenerateSettings, engine: Engine | None = None) -> int:
         # A twin pod finished the same shard first; its record stands (training checks shard digests).
         runtime.log(event="skip", reason="another attempt finished this shard first", done=done_uri)
         return 0
-    runtime.log(event="done", shard=shard_uri, done=done_uri, rows=len(rows), sha256=record.sha256,
+    runtime.log(event="done", shard=shard_uri, done=done_uri, rows=record.rows, sha256=record.sha256,
                 engine=engine.name)
     return 0
 
@@ -320,19 +328,20 @@ def parser() -> argparse.ArgumentParser:
       "else 0; example: 2)")
     a("--run-name", default="spin", help="run name, part of the sampling seed (default spin; example: demo)")
     a("--iteration", type=int, default=0, help="SPIN iteration, part of the seed (default 0; example: 1)")
-    a("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default 1.0)")
+    a("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default 1.0; example: 0.7)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0; example: 0.95)")
     a("--max-tokens", type=int, default=256, help="new tokens per response (default 256; example: 512)")
-    a("--max-prompt-length", type=int, default=512, help="prompt tokens kept, from the end (default 512)")
+    a("--max-prompt-length", type=int, default=512, help="prompt tokens kept, from the end (default 512; example: 256)")
     a("--max-length", type=int, default=1024, help="prompt + response tokens as training cuts them, used "
-      "when scoring; must equal training's (default 1024)")
+      "when scoring; must equal training's (default 1024; example: 2048)")
     a("--engine", choices=ENGINES, default="auto", help="vllm, transformers, or auto = vllm if it imports "
       "(default auto; example: transformers)")
     a("--score-reference", action="store_true", help="also store the opponent's summed log-probs of the real "
       "and generated responses, so training needs no reference model (example: --score-reference)")
     a("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
       help="weights dtype; auto = the checkpoint's (default auto; example: bfloat16)")
-    a("--batch-size", type=int, default=16, help="prompts per forward, transformers engine only (default 16)")
+    a("--batch-size", type=int, default=16,
+      help="prompts per forward, transformers engine only (default 16; example: 64)")
     a("--gpu-memory-utilization", type=float, default=None, help="vLLM memory share; default 0.9 with a "
       "GPU, 0.1 on CPU where it is a share of RAM (example: 0.85)")
     a("--cache-dir", type=Path, default=None, help="local cache for s3:// models (default $SPIN_CACHE_DIR "

@@ -45,7 +45,7 @@ class TinyConfig:
     num_layers: int = 2
     num_heads: int = 2
     num_kv_heads: int = 1
-    max_positions: int = 1024  # longest sequence the model accepts, in tokens
+    max_positions: int = 2048  # longest sequence the model accepts, in tokens
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,11 @@ class TinyAssets:
     data_path: Path
 
 
-def sft_rows(n: int, seed: int) -> list[dict[str, object]]:
+def sft_rows(n: int, seed: int) -> list[dict[str, list[dict[str, str]]]]:
     """``n`` UltraChat-shaped rows (``messages`` with a user turn and an assistant turn) whose answers follow
     simple rules, so a tiny model can learn to tell them from its own samples."""
     rng = random.Random(seed)
-    rows: list[dict[str, object]] = []
+    rows = []
     for _ in range(n):
         kind = rng.randrange(3)
         if kind == 0:
@@ -131,8 +131,7 @@ def create(out_dir: Path, *, rows: int = 64, seed: int = 0, config: TinyConfig =
     the same kind tokenize as compactly as the training rows.
     """
     data = write_sft_dataset(out_dir / "sft.jsonl", rows, seed)
-    corpus = [str(m["content"]) for row in sft_rows(max(rows, 512), seed + 1)
-              for m in row["messages"]]  # type: ignore[attr-defined]
+    corpus = [m["content"] for row in sft_rows(max(rows, 512), seed + 1) for m in row["messages"]]
     model = build_model(out_dir / "model", corpus, config, seed)
     return TinyAssets(model_dir=model, data_path=data)
 
@@ -146,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path,
                         help="directory to create; receives model/ and sft.jsonl (example: /tmp/tiny)")
     parser.add_argument("--rows", type=int, default=64, help="SFT rows to write (default 64; example: 200)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data, tokenizer and weights (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for data, tokenizer and weights (default 0; example: 3)")
     parser.add_argument("--hidden-size", type=int, default=TinyConfig.hidden_size,
                         help=f"model width (default {TinyConfig.hidden_size}; example: 256)")
     parser.add_argument("--layers", type=int, default=TinyConfig.num_layers,

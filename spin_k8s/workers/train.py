@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -64,6 +66,7 @@ class TrainSettings:
     warmup_ratio: float  # share of the steps with a linear warmup, then linear decay to 0
     epochs: int
     max_steps: int  # 0: epochs * (pairs // global batch)
+    length_grouping: int  # global batches formed together from pairs of similar length; 1: plain random
     micro_batch_size: int  # pairs per process per forward
     gradient_accumulation_steps: int
     max_length: int  # prompt + response tokens
@@ -282,6 +285,7 @@ def save_model(engine: Any, tokenizer: PreTrainedTokenizerBase, s: TrainSettings
         tokenizer.save_pretrained(staging)
         if local.scheme == "s3":
             storage.upload_dir(staging, s.output)
+            shutil.rmtree(staging)
         storage.write_bytes(storage.join(s.output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
         runtime.log(event="saved", uri=s.output)
     barrier()
@@ -315,8 +319,11 @@ def train(s: TrainSettings) -> int:
     if len(pairs) < global_batch:
         raise data.DataError(f"{len(pairs)} pairs cannot fill one global batch of {global_batch} "
                              f"(micro batch x accumulation x world size)")
-    steps = s.max_steps or s.epochs * (len(pairs) // global_batch)
+    per_epoch = len(pairs) // global_batch
+    steps = s.max_steps or s.epochs * per_epoch
     lengths = [p.length for p in pairs]
+    epoch_batches = functools.lru_cache(maxsize=1)(
+        lambda epoch: batching.epoch_batches(lengths, global_batch, s.seed, epoch, s.length_grouping))
 
     ds_config = deepspeed_config(s, dist.world_size, node_local_checkpoints=storage.is_s3(s.checkpoint_dir or ""))
     compute_dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
@@ -365,9 +372,11 @@ def train(s: TrainSettings) -> int:
     for step in range(start, steps):
         began = time.monotonic()
         lr = float(engine.get_lr()[0])
-        # loss, real reward, generated reward, correct pairs, pairs, tokens: summed over micro-batches and ranks
-        sums = torch.zeros(6, dtype=torch.float64)
-        indices = batching.global_batch(len(pairs), global_batch, s.seed, step)
+        # loss, real reward, generated reward, correct pairs, pairs, tokens: summed over micro-batches and ranks,
+        # on the device, so that logging costs no synchronisation before the step's end
+        sums = torch.zeros(6, dtype=torch.float64, device=engine.device)
+        epoch, index = divmod(step, per_epoch)
+        indices = epoch_batches(epoch)[index]
         for chunk in batching.micro_batches(indices, lengths, s.micro_batch_size, dist.world_size, dist.rank):
             batch = batching.collate([pairs[i] for i in chunk], pad_id).to(engine.device)
             b = len(chunk)
@@ -381,8 +390,8 @@ def train(s: TrainSettings) -> int:
             losses, real, generated = spin_loss(logps[:b], logps[b:], ref[:b], ref[b:], s.beta, s.loss_type)
             engine.backward(losses.mean())
             engine.step()  # an optimizer step at the accumulation boundary, else gradient accumulation
-            sums += torch.tensor([losses.sum().item(), real.sum().item(), generated.sum().item(),
-                                  (real > generated).sum().item(), b, batch.tokens], dtype=torch.float64)
+            sums += torch.stack([losses.detach().sum(), real.sum(), generated.sum(), (real > generated).sum(),
+                                 torch.tensor(b, device=engine.device), batch.attention_mask.sum()]).double()
         torch.distributed.all_reduce(sums)
         seconds = time.monotonic() - began
         loss, real_reward, generated_reward, correct, n, tokens = sums.tolist()
@@ -442,27 +451,34 @@ def parser() -> argparse.ArgumentParser:
       "nodes share or an s3:// prefix (default none; example: s3://spin/demo/iter-0/checkpoints)")
     a("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints, 0 = never "
       "(default 0; example: 200)")
-    a("--zero-stage", type=int, choices=(0, 1, 2, 3), default=3, help="DeepSpeed ZeRO stage (default 3)")
-    a("--precision", choices=("bf16", "fp32"), default="bf16", help="training precision (default bf16)")
-    a("--optimizer", choices=("rmsprop", "adamw"), default="rmsprop", help="default rmsprop, as in the paper")
+    a("--zero-stage", type=int, choices=(0, 1, 2, 3), default=3,
+      help="DeepSpeed ZeRO stage (default 3, as in the paper; example: 2)")
+    a("--precision", choices=("bf16", "fp32"), default="bf16", help="training precision (default bf16; example: fp32)")
+    a("--optimizer", choices=("rmsprop", "adamw"), default="rmsprop",
+      help="torch optimizer (default rmsprop, as in the paper; example: adamw)")
     a("--learning-rate", type=float, default=5e-7, help="peak learning rate (default 5e-7; example: 1e-7)")
     a("--beta", type=float, default=0.1, help="SPIN beta (default 0.1; example: 5.0)")
-    a("--loss-type", choices=LOSS_TYPES, default="sigmoid", help="default sigmoid; example: hinge")
-    a("--warmup-ratio", type=float, default=0.1, help="share of steps warming up linearly (default 0.1)")
-    a("--epochs", type=int, default=2, help="passes over the pairs (default 2, as in the paper)")
+    a("--loss-type", choices=LOSS_TYPES, default="sigmoid", help="SPIN loss (default sigmoid; example: hinge)")
+    a("--warmup-ratio", type=float, default=0.1,
+      help="share of steps warming up linearly, then linear decay to 0 (default 0.1; example: 0)")
+    a("--epochs", type=int, default=2, help="passes over the pairs (default 2, as in the paper; example: 3)")
     a("--max-steps", type=int, default=0, help="optimizer steps, overriding --epochs; 0 = from epochs "
       "(default 0; example: 500)")
-    a("--micro-batch-size", type=int, default=8, help="pairs per process per forward (default 8)")
-    a("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    a("--max-length", type=int, default=1024, help="prompt + response tokens (default 1024)")
-    a("--max-prompt-length", type=int, default=512, help="prompt tokens, kept from the end (default 512)")
-    a("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 = off (default 1.0)")
+    a("--length-grouping", type=int, default=8, help="cut padding: each run of this many global batches is "
+      "formed from pairs of similar length, then the batches are shuffled; 1 = plain random batches "
+      "(default 8; example: 1)")
+    a("--micro-batch-size", type=int, default=8, help="pairs per process per forward (default 8; example: 4)")
+    a("--gradient-accumulation-steps", type=int, default=1,
+      help="micro-batches per optimizer step (default 1; example: 4)")
+    a("--max-length", type=int, default=1024, help="prompt + response tokens (default 1024; example: 2048)")
+    a("--max-prompt-length", type=int, default=512, help="prompt tokens, kept from the end (default 512; example: 256)")
+    a("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 = off (default 1.0; example: 0)")
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
       help="recompute activations in backward to save memory (default on; example: --no-gradient-checkpointing)")
     a("--reference", choices=("precomputed", "live"), default="precomputed",
       help="reference log-probs: precomputed = from the shards where the opponent scored them, the rest in one "
-      "pass before training; live = a frozen model copy every step (default precomputed)")
-    a("--seed", type=int, default=42, help="data order seed (default 42)")
+      "pass before training; live = a frozen model copy every step (default precomputed; example: live)")
+    a("--seed", type=int, default=42, help="data order seed (default 42; example: 7)")
     a("--cache-dir", type=Path, default=None, help="local cache for models and checkpoint staging "
       "(default $SPIN_CACHE_DIR or /tmp/spin-cache; example: /cache)")
     return p
@@ -470,9 +486,11 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
     args = parser().parse_args(argv)
-    numbers = (args.micro_batch_size, args.gradient_accumulation_steps, args.epochs or args.max_steps)
+    numbers = (args.micro_batch_size, args.gradient_accumulation_steps, args.epochs or args.max_steps,
+               args.length_grouping)
     if min(numbers) < 1 or args.max_steps < 0 or args.checkpoint_every < 0 or args.keep_previous < 0:
-        raise runtime.UsageError("batch sizes, accumulation and epochs/steps must be >= 1; counts >= 0")
+        raise runtime.UsageError("batch sizes, accumulation, length grouping and epochs/steps must be >= 1; "
+                                 "counts >= 0")
     if args.max_prompt_length < 1 or args.max_length <= args.max_prompt_length:
         raise runtime.UsageError("need --max-length > --max-prompt-length >= 1")
     if not 0 <= args.warmup_ratio < 1 or args.learning_rate <= 0 or args.beta <= 0:
@@ -485,6 +503,7 @@ def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, zero_stage=args.zero_stage,
         precision=args.precision, optimizer=args.optimizer, learning_rate=args.learning_rate, beta=args.beta,
         loss_type=args.loss_type, warmup_ratio=args.warmup_ratio, epochs=args.epochs, max_steps=args.max_steps,
+        length_grouping=args.length_grouping,
         micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_length=args.max_length, max_prompt_length=args.max_prompt_length, max_grad_norm=args.max_grad_norm,
         gradient_checkpointing=args.gradient_checkpointing, reference=args.reference, seed=args.seed,

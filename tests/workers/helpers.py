@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,18 +31,13 @@ def worker_env(cache: Path, extra: dict[str, str] | None = None) -> dict[str, st
             "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def train_command(nproc: int, args: list[str]) -> list[str]:
     """``torchrun ... -m spin_k8s.workers.train ARGS``, or a plain process for one rank."""
     if nproc == 1:
         return [sys.executable, "-m", "spin_k8s.workers.train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "spin_k8s.workers.train", *args]
+    # --standalone: torchrun finds its own free port (the machine's other tests take ports too)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "spin_k8s.workers.train", *args]
 
 
 def events(stdout: str) -> list[dict[str, object]]:

@@ -2,24 +2,44 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from spin_k8s.workers import batching, train
 
 
-def test_global_batches_are_deterministic_epoch_permutations_without_remainder() -> None:
-    steps = [batching.global_batch(10, 4, seed=3, step=k) for k in range(4)]  # 2 steps per epoch
-    assert steps == [batching.global_batch(10, 4, seed=3, step=k) for k in range(4)]
-    assert all(len(s) == 4 for s in steps)
-    for epoch in (0, 1):
-        first, second = steps[2 * epoch], steps[2 * epoch + 1]
-        assert not set(first) & set(second)  # no pair twice in one epoch
-        assert first + second == batching.epoch_order(10, 3, epoch)[:8]
-    assert steps[:2] != steps[2:]  # each epoch is reshuffled
-    assert batching.global_batch(10, 4, seed=4, step=0) != steps[0]
+def test_epoch_batches_are_deterministic_permutations_without_remainder() -> None:
+    lengths = [10] * 10
+    epochs = [batching.epoch_batches(lengths, 4, seed=3, epoch=e, window=1) for e in (0, 1)]
+    assert epochs == [batching.epoch_batches(lengths, 4, seed=3, epoch=e, window=1) for e in (0, 1)]
+    for epoch, batches in enumerate(epochs):
+        assert len(batches) == 2 and all(len(b) == 4 for b in batches)  # 10 // 4 steps, remainder dropped
+        assert batches[0] + batches[1] == batching.epoch_order(10, 3, epoch)[:8]
+    assert epochs[0] != epochs[1]  # each epoch is reshuffled
+    assert batching.epoch_batches(lengths, 4, seed=4, epoch=0, window=1) != epochs[0]
     with pytest.raises(ValueError, match="cannot fill"):
-        batching.global_batch(3, 4, seed=0, step=0)
+        batching.epoch_batches([1, 2, 3], 4, seed=0, epoch=0, window=1)
+
+
+def test_length_grouping_cuts_padding_and_keeps_the_same_pairs() -> None:
+    rng = random.Random(0)
+    lengths = [rng.randrange(10, 300) for _ in range(1000)]
+
+    def padded(batches: list[list[int]]) -> int:  # tokens a batch takes once padded to its longest pair
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    plain = batching.epoch_batches(lengths, 8, seed=1, epoch=0, window=1)
+    grouped = batching.epoch_batches(lengths, 8, seed=1, epoch=0, window=16)
+    assert grouped == batching.epoch_batches(lengths, 8, seed=1, epoch=0, window=16)
+    assert sorted(i for b in grouped for i in b) == sorted(i for b in plain for i in b)  # same 992 pairs
+    assert all(len(b) == 8 for b in grouped)
+    assert padded(grouped) < 0.7 * padded(plain)
+    spans = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in grouped]
+    assert sum(spans) / len(spans) < 40  # similar lengths share a batch
+    firsts = [max(lengths[i] for i in b) for b in grouped[:8]]
+    assert firsts != sorted(firsts, reverse=True)  # batches shuffled, not longest first
 
 
 def test_micro_batches_split_a_global_batch_over_ranks_by_length() -> None:
@@ -40,7 +60,7 @@ def test_collate_puts_real_rows_first_and_masks_prompt_and_padding() -> None:
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]]
     assert batch.response_mask.tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1], [0, 0, 1, 0, 0, 0],
                                             [0, 0, 0, 1, 0, 0]]
-    assert batch.keep == 6 - 2 + 1 and batch.tokens == 17
+    assert batch.keep == 6 - 2 + 1 and int(batch.attention_mask.sum()) == 17
     assert batch.ref_logps is not None and batch.ref_logps.tolist() == [-1.0, -3.0, -2.0, -4.0]
     no_refs = batching.collate([batching.Pair(real=[1, 2], generated=[1, 3], prompt_len=1)], pad_id=0)
     assert no_refs.ref_logps is None

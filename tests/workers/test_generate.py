@@ -105,6 +105,21 @@ def test_rerun_of_a_finished_shard_is_a_no_op(tiny_assets: tiny.TinyAssets, synt
     assert '"event":"skip"' in capsys.readouterr().out
 
 
+def test_a_shard_stored_without_its_record_is_kept_and_completed(tiny_assets: tiny.TinyAssets, synthetic: Path,
+                                                                  tmp_path: Path) -> None:
+    """An attempt died between writing its shard and its record (or a twin pod won the race): the next
+    attempt keeps the stored shard and records exactly that content."""
+    name = data.shard_name(1, 2)
+    lines = (synthetic / name).read_text().splitlines(keepends=True)
+    stored = "".join(reversed(lines))  # valid, and unlike what this attempt generates
+    (tmp_path / name).write_text(stored)
+    assert generate.main(generate_args(tiny_assets, tmp_path, "--num-shards", "2", "--shard-index", "1",
+                                       "--score-reference")) == 0
+    assert (tmp_path / name).read_text() == stored
+    record = data.ShardRecord.from_json((tmp_path / data.done_name(1, 2)).read_bytes())
+    assert record.sha256 == storage.sha256_bytes(stored.encode()) and record.rows == 12
+
+
 def test_greedy_generation_uses_the_training_prompt(tiny_assets: tiny.TinyAssets, tmp_path: Path) -> None:
     assert generate.main(generate_args(tiny_assets, tmp_path, "--temperature", "0")) == 0
     check_greedy_is_argmax_of_training_forward(tiny_assets, tmp_path, tol=1e-5)
