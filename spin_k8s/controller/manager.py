@@ -26,6 +26,7 @@ from spin_k8s.controller.reconcile import Kube, Reconciler
 
 log = logging.getLogger("spin_k8s.controller")
 Key = tuple[str, str]
+LEASE_NAME = "spin-k8s-controller"
 
 
 class WorkQueue:
@@ -133,13 +134,13 @@ def _watch(stop: threading.Event, lister: Callable[..., Any], on_object: Callabl
 class Manager:
     def __init__(self, api_client: client.ApiClient, namespace: str | None, identity: str,
                  lease_namespace: str, leader_elect: bool = True, resync_seconds: float = 30.0,
-                 workers: int = 2) -> None:
+                 workers: int = 2, lease_seconds: int = 15) -> None:
         self.api = api_client
         self.namespace = namespace
         self.reconciler = Reconciler(Kube(api_client))
         self.queue = WorkQueue()
         self.stop = threading.Event()
-        self.elector = LeaderElector(api_client, lease_namespace, "spin-k8s-controller", identity) \
+        self.elector = LeaderElector(api_client, lease_namespace, LEASE_NAME, identity, lease_seconds) \
             if leader_elect else None
         self.resync_seconds = resync_seconds
         self.workers = workers
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="hold a Lease so only one replica reconciles (default on)")
     parser.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"),
                         help="namespace of the leader Lease (default $POD_NAMESPACE or default)")
+    parser.add_argument("--lease-seconds", type=int, default=15,
+                        help="how long a dead leader blocks a standby replica (default 15)")
     parser.add_argument("--resync-seconds", type=float, default=30.0, help="re-plan every run this often")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                   else _incluster())
     identity = f"{socket.gethostname()}-{os.getpid()}"
     manager = Manager(api_client, args.namespace, identity, args.lease_namespace, args.leader_elect,
-                      args.resync_seconds)
+                      args.resync_seconds, lease_seconds=args.lease_seconds)
     manager.run()
     return 0
 

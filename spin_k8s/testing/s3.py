@@ -40,6 +40,7 @@ class S3Server:
     secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
     port: int = 0
     process: Process | None = None
+    _ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def endpoint(self) -> str:
@@ -59,8 +60,9 @@ class S3Server:
     def start(self) -> S3Server:
         data = self.root / "data"
         data.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
+        # A restart (after stop()) keeps the ports and the data: the same server comes back.
+        self.port = self.port or free_port()
+        ports = self._ports = self._ports or {name: free_port() for name in ("master", "volume", "filer", "admin")}
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
         self.process = start_process("weed", [
             str(weed_binary()), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",

@@ -1,0 +1,42 @@
+"""Offline defaulting and validation of SpinRuns from the CRD schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from invalid_specs import cases, valid
+
+from spin_k8s import api
+
+
+def offline_errors(obj: dict[str, Any]) -> list[str]:
+    return api.schema_errors(obj) + api.semantic_errors(api.load_defaulted(obj))
+
+
+def test_valid_spec_gets_the_crd_defaults() -> None:
+    run = api.parse(api.load_defaulted(valid()))
+    assert offline_errors(valid()) == []
+    assert (run.spec.training.zero_stage, run.spec.training.optimizer, run.spec.keep_previous) == (3, "rmsprop", 1)
+    assert (run.spec.generation.temperature, run.spec.generation.max_tokens, run.spec.restart_limit) == (1.0, 256, 3)
+
+
+def test_iteration_overrides_apply_to_their_iteration_only() -> None:
+    obj = valid()
+    obj["spec"]["iterations"] = 4
+    obj["spec"]["iterationOverrides"] = [{"iteration": 2, "learningRate": 1e-7}, {"iteration": 3, "beta": 5.0}]
+    spec = api.parse(api.load_defaulted(obj)).spec
+    assert spec.hyper(0) == api.Hyper(5e-7, 0.1, 2)
+    assert spec.hyper(2) == api.Hyper(1e-7, 0.1, 2)
+    assert spec.hyper(3) == api.Hyper(5e-7, 5.0, 2)
+
+
+@pytest.mark.parametrize(("why", "obj", "field"), cases(), ids=[c[0] for c in cases()])
+def test_bad_specs_are_refused_offline_naming_the_field(why: str, obj: dict[str, Any], field: str) -> None:
+    errors = offline_errors(obj)
+    assert errors, why
+    assert any(field.rsplit(".", maxsplit=1)[-1] in e for e in errors), errors
+
+
+def test_long_name_is_refused() -> None:
+    assert any("metadata.name" in e for e in api.semantic_errors(valid("x" * 41)))
