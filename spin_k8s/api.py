@@ -136,12 +136,15 @@ class Spec:
     pull_policy: str
     resources: dict[str, dict[str, Any]]
     node_selector: dict[str, str]
+    pod_labels: dict[str, str]
+    pod_annotations: dict[str, str]
     tolerations: tuple[dict[str, Any], ...]
     service_account: str | None
     queue_name: str | None
     suspend: bool
     restart_limit: int
     early_stop_accuracy: float | None
+    held_out_fraction: float  # 0 without early stop
 
     def hyper(self, iteration: int) -> Hyper:
         o = self.overrides.get(iteration, {})
@@ -183,9 +186,11 @@ def _spec(raw: dict[str, Any]) -> Spec:
                    for o in raw.get("iterationOverrides") or []},
         image_generate=images["generate"], image_train=images["train"], pull_policy=images["pullPolicy"],
         resources=dict(raw.get("resources") or {}), node_selector=dict(raw.get("nodeSelector") or {}),
+        pod_labels=dict(raw.get("podLabels") or {}), pod_annotations=dict(raw.get("podAnnotations") or {}),
         tolerations=tuple(raw.get("tolerations") or ()), service_account=raw.get("serviceAccountName"),
         queue_name=raw.get("queueName"), suspend=raw["suspend"], restart_limit=raw["restartLimit"],
         early_stop_accuracy=(raw.get("earlyStop") or {}).get("minRewardAccuracy"),
+        held_out_fraction=float((raw.get("earlyStop") or {}).get("heldOutFraction", 0.0)),
     )
 
 

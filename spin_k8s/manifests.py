@@ -54,6 +54,14 @@ def _container(run: api.SpinRun, name: str, image: str, command: list[str], gpus
     return container
 
 
+def _template_metadata(run: api.SpinRun, labels: dict[str, str]) -> dict[str, Any]:
+    # The user's extra labels never override ours: the controller selects its pods and Services by them.
+    meta: dict[str, Any] = {"labels": {**run.spec.pod_labels, **labels}}
+    if run.spec.pod_annotations:
+        meta["annotations"] = dict(run.spec.pod_annotations)
+    return meta
+
+
 def _pod_spec(run: api.SpinRun, container: dict[str, Any]) -> dict[str, Any]:
     spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
     if run.spec.service_account:
@@ -109,6 +117,7 @@ def train_command(run: api.SpinRun, prefix: str, iteration: int, attempt: int) -
         "--max-length", str(t.max_length), "--max-prompt-length", str(t.max_prompt_length),
         "--gradient-checkpointing" if t.gradient_checkpointing else "--no-gradient-checkpointing",
         "--reference", "precomputed",
+        *(["--holdout-fraction", repr(run.spec.held_out_fraction)] if run.spec.early_stop_accuracy is not None else []),
     ]
 
 
@@ -124,7 +133,7 @@ def generate_job(run: api.SpinRun, prefix: str, iteration: int) -> dict[str, Any
             "completionMode": "Indexed", "completions": shards, "parallelism": shards,
             "backoffLimitPerIndex": run.spec.restart_limit, "maxFailedIndexes": 0,
             "podFailurePolicy": _DISRUPTION_IGNORED, "suspend": bool(run.spec.queue_name),
-            "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": _pod_spec(run, container)},
+            "template": {"metadata": _template_metadata(run, meta["labels"]), "spec": _pod_spec(run, container)},
         },
     }
 
@@ -143,7 +152,7 @@ def train_job(run: api.SpinRun, prefix: str, iteration: int, attempt: int) -> di
         "spec": {
             "completionMode": "Indexed", "completions": nodes, "parallelism": nodes, "backoffLimit": 0,
             "podFailurePolicy": _DISRUPTION_IGNORED, "suspend": bool(run.spec.queue_name),
-            "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod_spec},
+            "template": {"metadata": _template_metadata(run, meta["labels"]), "spec": pod_spec},
         },
     }
 

@@ -206,6 +206,15 @@ def _step(run: api.SpinRun, prefix: str, obs: Observed, lineage: Lineage, t: int
     return True
 
 
+def _held_out_accuracy(lineage: Lineage, p: _Progress, t: int) -> float | None:
+    """Reward accuracy on held-out prompts of the model iteration t trained: the model that would start
+    iteration t + 1 against the synthetic answers of its opponent."""
+    record = lineage.steps.get((t, naming.TRAIN)) or next(
+        (a.record for a in p.actions if isinstance(a, RecordStep) and (a.iteration, a.role) == (t, naming.TRAIN)), {})
+    value = ((record.get("metrics") or {}).get("eval") or {}).get("eval/rewards/accuracies")
+    return float(value) if isinstance(value, int | float) else None
+
+
 def plan(run: api.SpinRun, obs: Observed, lineage: Lineage, now: str, invalid: str | None = None) -> Plan:
     """Decide the next actions and the status for one SpinRun."""
     prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
@@ -229,6 +238,14 @@ def plan(run: api.SpinRun, obs: Observed, lineage: Lineage, now: str, invalid: s
             if not (_step(run, prefix, obs, lineage, t, naming.GENERATE, p)
                     and _step(run, prefix, obs, lineage, t, naming.TRAIN, p)):
                 finished = False
+                break
+            accuracy = _held_out_accuracy(lineage, p, t)
+            threshold = run.spec.early_stop_accuracy
+            if threshold is not None and accuracy is not None and accuracy < threshold and t + 1 < run.spec.iterations:
+                finished = False
+                p.phase, p.iteration, p.reason = SUCCEEDED, t, "Converged"
+                p.message = (f"held-out reward accuracy {accuracy:.3f} < {threshold} at the start of iteration "
+                             f"{t + 1}: the model no longer tells real from synthetic; stopped early")
                 break
         if finished:
             p.phase, p.iteration = SUCCEEDED, run.spec.iterations - 1

@@ -22,6 +22,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
 from spin_k8s import api, naming
+from spin_k8s.controller import metrics
 from spin_k8s.controller.reconcile import Kube, Reconciler
 
 log = logging.getLogger("spin_k8s.controller")
@@ -166,10 +167,12 @@ class Manager:
                 return
             try:
                 changed = self.reconciler.reconcile(*key)
+                metrics.inc("spin_controller_reconciles_total", result="changed" if changed else "ok")
                 self._failures.pop(key, None)
                 if changed:
                     self.queue.add(key, 0.05)  # observe our own writes, go on at once
             except Exception as e:
+                metrics.inc("spin_controller_reconciles_total", result="error")
                 n = self._failures[key] = self._failures.get(key, 0) + 1
                 delay = min(30.0, 0.5 * 2 ** min(n, 6))
                 log.warning("reconcile %s/%s failed (retry in %.1fs): %s", *key, delay, e)
@@ -230,11 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-seconds", type=int, default=15,
                         help="how long a dead leader blocks a standby replica (default 15)")
     parser.add_argument("--resync-seconds", type=float, default=30.0, help="re-plan every run this often")
+    parser.add_argument("--metrics-bind", default="",
+                        help="address:port serving /metrics and /healthz, e.g. 0.0.0.0:8080 in a pod (default: off)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
     api_client = (config.new_client_from_config(config_file=kubeconfig) if kubeconfig
                   else _incluster())
+    metrics.count_requests(api_client)
+    if args.metrics_bind:
+        address, _, port = args.metrics_bind.rpartition(":")
+        metrics.serve(address, int(port))
     identity = f"{socket.gethostname()}-{os.getpid()}"
     manager = Manager(api_client, args.namespace, identity, args.lease_namespace, args.leader_elect,
                       args.resync_seconds, lease_seconds=args.lease_seconds)

@@ -12,6 +12,7 @@ This module imports no ML framework at import time: the controller may use ``mix
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -290,6 +291,15 @@ def mix(iteration: int, keep_previous: int, available: Mapping[int, str]) -> lis
         raise DataError(f"iteration {iteration} needs the synthetic sets of iterations {missing}, "
                         f"which are not available")
     return [available[i] for i in wanted]
+
+
+def is_held_out(row_id: int, fraction: float) -> bool:
+    """Whether a prompt belongs to the held-out split: decided by its id alone, so the same prompts are held
+    out in every iteration and never trained on."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"heldout:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def parse_assignments(values: Sequence[str]) -> dict[int, str]:

@@ -55,6 +55,7 @@ class TrainSettings:
     keep_previous: int  # previous iterations' synthetic sets mixed in (1 in the paper)
     output: str  # prefix for the trained model, tokenizer and metrics.json
     eval_data: str | None  # held-out synthetic set for reward accuracy after training
+    holdout_fraction: float  # share of prompts (by id) never trained on, evaluated on the newest set instead
     checkpoint_dir: str | None  # DeepSpeed checkpoints: a shared path or an s3:// prefix
     checkpoint_every: int  # optimizer steps between checkpoints; 0 disables them
     zero_stage: int  # 0..3
@@ -143,12 +144,15 @@ def barrier() -> None:
 
 
 def load_pairs(uris: Sequence[str], tokenizer: PreTrainedTokenizerBase, s: TrainSettings,
-               ref_digest: str) -> list[batching.Pair]:
+               ref_digest: str, held_out: bool | None = None) -> list[batching.Pair]:
     """Tokenized pairs of the synthetic sets. A shard's reference log-probs are kept only if the shard
-    was scored by this very reference model with the same length limits; the rest are filled later."""
+    was scored by this very reference model with the same length limits; the rest are filled later.
+    ``held_out``: keep only the held-out rows (True), only the others (False), or all (None)."""
     pairs = []
     for uri in uris:
         for row, record in data.load_synthetic(uri).rows:
+            if held_out is not None and data.is_held_out(row.id, s.holdout_fraction) != held_out:
+                continue
             prompt = data.encode_prompt(tokenizer, row.prompt, s.max_prompt_length)
             room = s.max_length - len(prompt)
             trusted = (record.scored and record.model_digest == ref_digest
@@ -313,8 +317,14 @@ def train(s: TrainSettings) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ref_digest = storage.digest_dir(model_dir)
-    pairs = load_pairs(data.mix(s.iteration, s.keep_previous, s.synthetic), tokenizer, s, ref_digest)
-    eval_pairs = load_pairs([s.eval_data], tokenizer, s, ref_digest) if s.eval_data else []
+    sets = data.mix(s.iteration, s.keep_previous, s.synthetic)
+    pairs = load_pairs(sets, tokenizer, s, ref_digest, held_out=False if s.holdout_fraction else None)
+    if s.eval_data:
+        eval_pairs = load_pairs([s.eval_data], tokenizer, s, ref_digest)
+    elif s.holdout_fraction:  # the newest opponent's answers to prompts no iteration trains on
+        eval_pairs = load_pairs(sets[-1:], tokenizer, s, ref_digest, held_out=True)
+    else:
+        eval_pairs = []
     global_batch = s.micro_batch_size * s.gradient_accumulation_steps * dist.world_size
     if len(pairs) < global_batch:
         raise data.DataError(f"{len(pairs)} pairs cannot fill one global batch of {global_batch} "
@@ -447,6 +457,8 @@ def parser() -> argparse.ArgumentParser:
       "(example: s3://spin/demo/iter-1/model)")
     a("--eval-data", default=None, help="held-out synthetic set: reward accuracy after training goes into "
       "metrics.json (default none; example: s3://spin/demo/iter-0/heldout)")
+    a("--holdout-fraction", type=float, default=0.0, help="share of prompts (chosen by id, the same in every "
+      "iteration) kept out of training and evaluated after it: the early-stop signal (default 0; example: 0.1)")
     a("--checkpoint-dir", default=None, help="DeepSpeed checkpoints, resumed from automatically: a path all "
       "nodes share or an s3:// prefix (default none; example: s3://spin/demo/iter-0/checkpoints)")
     a("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints, 0 = never "
@@ -495,11 +507,14 @@ def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
         raise runtime.UsageError("need --max-length > --max-prompt-length >= 1")
     if not 0 <= args.warmup_ratio < 1 or args.learning_rate <= 0 or args.beta <= 0:
         raise runtime.UsageError("need 0 <= --warmup-ratio < 1, --learning-rate > 0 and --beta > 0")
+    if not 0 <= args.holdout_fraction < 1:
+        raise runtime.UsageError("need 0 <= --holdout-fraction < 1")
     if args.checkpoint_every and not args.checkpoint_dir:
         raise runtime.UsageError("--checkpoint-every needs --checkpoint-dir")
     return TrainSettings(
         model=args.model, synthetic=data.parse_assignments(args.synthetic), iteration=args.iteration,
         keep_previous=args.keep_previous, output=args.output, eval_data=args.eval_data,
+        holdout_fraction=args.holdout_fraction,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, zero_stage=args.zero_stage,
         precision=args.precision, optimizer=args.optimizer, learning_rate=args.learning_rate, beta=args.beta,
         loss_type=args.loss_type, warmup_ratio=args.warmup_ratio, epochs=args.epochs, max_steps=args.max_steps,

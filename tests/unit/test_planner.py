@@ -154,3 +154,26 @@ def test_kueue_queue_label_and_created_suspended() -> None:
     body = next(a.body for a in p.actions if isinstance(a, CreateJob))
     assert body["metadata"]["labels"][naming.LABEL_KUEUE_QUEUE] == "team-a"
     assert body["spec"]["suspend"] is True
+
+
+def test_early_stop_when_held_out_accuracy_falls_below_the_threshold() -> None:
+    low = {"metrics": {"eval": {"eval/rewards/accuracies": 0.4}}}
+    high = {"metrics": {"eval": {"eval/rewards/accuracies": 0.9}}}
+    run = make_run(iterations=3, earlyStop={"minRewardAccuracy": 0.5})
+    train = next(a.body for a in planner.plan(run, Observed(services=SVC0), Lineage(steps={(0, GEN): {}}),
+                                              NOW).actions if isinstance(a, CreateJob))
+    args = train["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--holdout-fraction") + 1] == "0.1"  # the CRD's default held-out share
+
+    p = planner.plan(run, Observed(), Lineage(steps={(0, GEN): {}, (0, TRAIN): high}), NOW)
+    assert created(p) == ["demo-i1-gen"]  # still tells them apart: go on
+    p = planner.plan(run, Observed(), Lineage(steps={(0, GEN): {}, (0, TRAIN): high, (1, GEN): {}, (1, TRAIN): low}),
+                     NOW)
+    assert (p.status["phase"], p.status["reason"], p.status["iteration"], p.actions) == (
+        "Succeeded", "Converged", 1, ())
+    assert "0.400 < 0.5 at the start of iteration 2" in next(
+        c["message"] for c in p.status["conditions"] if c["type"] == "Succeeded")
+    # The last iteration has nothing left to skip: it completes normally.
+    p = planner.plan(make_run(iterations=2, earlyStop={"minRewardAccuracy": 0.5}), Observed(),
+                     Lineage(steps={(0, GEN): {}, (0, TRAIN): high, (1, GEN): {}, (1, TRAIN): low}), NOW)
+    assert p.status["reason"] == "Completed"

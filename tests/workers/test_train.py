@@ -190,3 +190,20 @@ def test_precomputed_reference_gives_the_losses_of_a_live_reference(
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     initial = load_file(tiny_assets.model_dir / "model.safetensors")
     assert not torch.equal(a["lm_head.weight"], initial["lm_head.weight"])
+
+
+def test_held_out_prompts_are_never_trained_on_and_are_evaluated(tiny_assets: tiny.TinyAssets, synthetic: Path,
+                                                                  tmp_path: Path) -> None:
+    from spin_k8s.workers import data
+
+    ids = [row.id for row, _ in data.load_synthetic(str(synthetic)).rows]
+    held = [i for i in ids if data.is_held_out(i, 0.3)]
+    assert 0 < len(held) < len(ids)
+    assert held == [i for i in ids if data.is_held_out(i, 0.3)]  # the same split every time
+    args = base_args(tiny_assets, synthetic, str(tmp_path / "out"), "--zero-stage", "0", "--holdout-fraction", "0.3")
+    evs, _ = run_train(1, [a if a != str(STEPS) else "2" for a in args], tmp_path / "cache")
+    start = next(e for e in evs if e["event"] == "start")
+    assert (start["pairs"], start["eval_pairs"]) == (len(ids) - len(held), len(held))
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["eval"]["eval/pairs"] == len(held)
+    assert 0.0 <= metrics["eval"]["eval/rewards/accuracies"] <= 1.0

@@ -1,0 +1,200 @@
+"""Controller benchmark on the real test control plane (not a test: it prints figures).
+
+1. Reaction latency: the time from a Job turning Complete to the next Job of the run being created, p50 and
+   p99 over many iterations, next to the same-run baseline of the Kubernetes Job controller itself (last pod
+   Succeeded -> Job Complete), both seen through one watch.
+2. API requests per iteration, from the controller's own /metrics counter.
+3. 100 concurrent SpinRuns: the controller's peak RSS and CPU seconds.
+
+Pods are simulated: the node agent exits them 0 at once (pod annotation), and the bench writes the outputs
+the workers would have written (shard done records, metrics.json), so only orchestration is measured.
+Targets: p50 < 0.2 s, p99 < 1 s, <= 10 requests per iteration, < 300 MB.
+
+Run: .venv/bin/python bench/bench_controller.py [--runs 10 --iterations 3 --concurrent 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+from kubernetes import client, config, watch
+
+from spin_k8s import api, naming
+from spin_k8s.testing.cluster import Cluster, free_port, wait_until
+from spin_k8s.testing.nodeagent import EXIT_CODE_ANNOTATION
+from spin_k8s.testing.s3 import S3Server
+
+CRD = Path(__file__).parent.parent / "manifests" / "crd" / "spinruns.selfplay.dev.yaml"
+NS = "bench"
+SHARDS = 2
+
+
+def run_body(name: str, endpoint: str, iterations: int) -> dict[str, Any]:
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name},
+            "spec": {"model": "file:///simulated/model", "dataset": "file:///simulated/sft.jsonl",
+                     "iterations": iterations,
+                     "storage": {"uri": "s3://bench/spin", "credentialsSecret": "s3", "endpoint": endpoint},
+                     "generation": {"shards": SHARDS, "gpusPerShard": 0}, "training": {"gpusPerNode": 0},
+                     "podAnnotations": {EXIT_CODE_ANNOTATION: "0"}}}
+
+
+def write_outputs(s3: Any, uid: str, name: str, iterations: int) -> None:
+    """What the workers of every step would leave in storage."""
+    prefix = naming.run_prefix("s3://bench/spin", NS, name, uid).removeprefix("s3://bench/")
+    for t in range(iterations):
+        for i in range(SHARDS):
+            record = {"sha256": "0" * 64, "rows": 1, "engine": "simulated", "model_digest": "0" * 64}
+            key = f"{prefix}/i{t}/synthetic/shard-{i:05d}-of-{SHARDS:05d}.jsonl.done.json"
+            s3.put_object(Bucket="bench", Key=key, Body=json.dumps(record).encode())
+        s3.put_object(Bucket="bench", Key=f"{prefix}/i{t}/model/metrics.json",
+                      Body=json.dumps({"final": {"loss": 0.5}}).encode())
+
+
+class JobClock:
+    """Watches Jobs; records when each turned Complete, when each was created, and the Job controller's own
+    delay from the pod finishing (status.completionTime is whole seconds, so the watch clock is used)."""
+
+    def __init__(self, batch: client.BatchV1Api, core: client.CoreV1Api) -> None:
+        self.batch, self.core = batch, core
+        self.complete: dict[str, float] = {}
+        self.added: dict[str, float] = {}
+        self.pod_done: dict[str, float] = {}  # job name -> when its last pod was seen Succeeded
+        self.stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+        threading.Thread(target=self._pods, daemon=True).start()
+
+    def _pods(self) -> None:
+        seen: set[str] = set()
+        w = watch.Watch()
+        for event in w.stream(self.core.list_namespaced_pod, NS, timeout_seconds=3600):
+            pod = event["object"]
+            job = (pod.metadata.labels or {}).get("job-name")
+            if job and pod.status.phase == "Succeeded" and pod.metadata.uid not in seen:
+                seen.add(pod.metadata.uid)
+                self.pod_done[job] = time.monotonic()
+            if self.stop.is_set():
+                w.stop()
+
+    def _run(self) -> None:
+        w = watch.Watch()
+        for event in w.stream(self.batch.list_namespaced_job, NS, timeout_seconds=3600):
+            now = time.monotonic()
+            job = event["object"]
+            name = job.metadata.name
+            self.added.setdefault(name, now)
+            if any(c.type == "Complete" and c.status == "True" for c in job.status.conditions or []):
+                self.complete.setdefault(name, now)
+            if self.stop.is_set():
+                w.stop()
+
+
+def successor(name: str) -> str | None:
+    run, _, rest = name.partition("-i")
+    t, _, role = rest.partition("-")
+    return f"{run}-i{t}-train" if role == "gen" else f"{run}-i{int(t) + 1}-gen"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10, help="runs for the latency phase (default 10)")
+    parser.add_argument("--iterations", type=int, default=3, help="iterations per run (default 3)")
+    parser.add_argument("--concurrent", type=int, default=100, help="runs at once in phase 3 (default 100)")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="spin-bench-"))
+    with Cluster(root / "cluster") as cluster, S3Server(root / "s3") as s3server:
+        s3 = s3server.client()
+        s3.create_bucket(Bucket="bench")
+        kube = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+        core, batch, objects = client.CoreV1Api(kube), client.BatchV1Api(kube), client.CustomObjectsApi(kube)
+        client.ApiextensionsV1Api(kube).create_custom_resource_definition(yaml.safe_load(CRD.read_text()))
+        core.create_namespace({"metadata": {"name": NS}})
+        wait_until("the default ServiceAccount", lambda: core.read_namespaced_service_account("default", NS), 60)
+        core.create_namespaced_secret(NS, {"metadata": {"name": "s3"}, "stringData": {
+            "AWS_ACCESS_KEY_ID": s3server.access_key, "AWS_SECRET_ACCESS_KEY": s3server.secret_key}})
+        time.sleep(2)  # the CRD's API appears
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "spin_k8s.controller", f"--kubeconfig={cluster.kubeconfig}",
+                                 f"--namespace={NS}", f"--lease-namespace={NS}", f"--metrics-bind=127.0.0.1:{port}"],
+                                stdout=(root / "controller.log").open("wb"), stderr=subprocess.STDOUT)
+        ctl = psutil.Process(proc.pid)
+
+        def requests() -> int:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                       if line.startswith("spin_controller_api_requests_total"))
+
+        def run_all(names: list[str], iterations: int) -> None:
+            for name in names:
+                created = objects.create_namespaced_custom_object(api.GROUP, api.VERSION, NS, api.PLURAL,
+                                                                  run_body(name, s3server.endpoint, iterations))
+                write_outputs(s3, created["metadata"]["uid"], name, iterations)
+
+            def done() -> bool:
+                items = objects.list_namespaced_custom_object(api.GROUP, api.VERSION, NS, api.PLURAL)["items"]
+                phases = {i["metadata"]["name"]: (i.get("status") or {}).get("phase") for i in items}
+                failed = [n for n in names if phases.get(n) == "Failed"]
+                assert not failed, f"runs failed: {failed} (see {root}/controller.log)"
+                return all(phases.get(n) == "Succeeded" for n in names)
+
+            wait_until("runs to finish", done, 1800)
+
+        try:
+            wait_until("the controller's metrics", requests, 30)
+            clock = JobClock(batch, core)
+            before = requests()
+            run_all([f"lat{i}" for i in range(args.runs)], args.iterations)
+            per_iteration = (requests() - before) / (args.runs * args.iterations)
+            latencies = [clock.added[nxt] - at for job, at in clock.complete.items()
+                         if (nxt := successor(job)) in clock.added and clock.added[nxt] > at]
+            baseline = [at - clock.pod_done[job] for job, at in clock.complete.items()
+                        if job in clock.pod_done and at >= clock.pod_done[job]]
+            p50, base50 = statistics.median(latencies), statistics.median(baseline)
+            print(f"reaction latency over {len(latencies)} transitions: p50 {p50:.3f} s, "
+                  f"p99 {percentile(latencies, 0.99):.3f} s (targets 0.2 / 1.0)")
+            print(f"baseline, the Job controller (last pod Succeeded -> Job Complete): p50 {base50:.3f} s, "
+                  f"p99 {percentile(baseline, 0.99):.3f} s; ratio ours / Job controller at p50: {p50 / base50:.2f}")
+            print(f"API requests per iteration: {per_iteration:.1f} (target <= 10)")
+
+            cpu_before = sum(ctl.cpu_times()[:2])
+            peak = ctl.memory_info().rss
+            names = [f"many{i}" for i in range(args.concurrent)]
+            sampler_stop = threading.Event()
+
+            def sample() -> None:
+                nonlocal peak
+                while not sampler_stop.wait(0.2):
+                    peak = max(peak, ctl.memory_info().rss)
+
+            threading.Thread(target=sample, daemon=True).start()
+            started = time.monotonic()
+            run_all(names, 1)
+            sampler_stop.set()
+            cpu = sum(ctl.cpu_times()[:2]) - cpu_before
+            print(f"{args.concurrent} concurrent runs: done in {time.monotonic() - started:.1f} s, controller peak "
+                  f"RSS {peak / 2**20:.0f} MiB (target < 300), CPU {cpu:.1f} s")
+            clock.stop.set()
+        finally:
+            proc.kill()
+            proc.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The controller's Prometheus metrics: counters kept in-process and served as text on ``/metrics``
+(``/healthz`` answers too, for probes). Counting API requests at the client's one exit point tells how
+many requests an iteration costs, the figure the benchmark reports."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections import Counter
+from typing import Any
+
+_lock = threading.Lock()
+_counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+_HELP = {
+    "spin_controller_api_requests_total": "Requests the controller sent to the Kubernetes API, by verb.",
+    "spin_controller_reconciles_total": "Reconciles, by result (ok, changed, error).",
+}
+
+
+def inc(name: str, **labels: str) -> None:
+    with _lock:
+        _counters[(name, tuple(sorted(labels.items())))] += 1
+
+
+def value(name: str, **labels: str) -> int:
+    """The sum of a counter over every label set that contains ``labels``."""
+    want = set(labels.items())
+    with _lock:
+        return sum(v for (n, ls), v in _counters.items() if n == name and want <= set(ls))
+
+
+def render() -> str:
+    lines = []
+    with _lock:
+        items = sorted(_counters.items())
+    for name in sorted({n for (n, _), _ in items} | set(_HELP)):
+        lines += [f"# HELP {name} {_HELP.get(name, name)}", f"# TYPE {name} counter"]
+        for (n, labels), v in items:
+            if n == name:
+                rendered = ",".join(f'{k}="{val}"' for k, val in labels)
+                lines.append(f"{name}{{{rendered}}} {v}" if rendered else f"{name} {v}")
+    return "\n".join(lines) + "\n"
+
+
+def count_requests(api_client: Any) -> None:
+    """Wrap the client's REST layer (every request, watches included, passes through it once)."""
+    rest = api_client.rest_client
+    original = rest.request
+
+    def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        inc("spin_controller_api_requests_total", verb=method.upper())
+        return original(method, url, *args, **kwargs)
+
+    rest.request = request
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/metrics":
+            body, ctype = render().encode(), "text/plain; version=0.0.4"
+        elif self.path in ("/healthz", "/readyz"):
+            body, ctype = b"ok\n", "text/plain"
+        else:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would drown the controller's own log
+
+
+def serve(address: str, port: int) -> http.server.ThreadingHTTPServer:
+    server = http.server.ThreadingHTTPServer((address, port), _Handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
