@@ -97,7 +97,7 @@ def train_command(run: api.SpinRun, prefix: str, iteration: int, attempt: int) -
     t = run.spec.training
     hyper = run.spec.hyper(iteration)
     job = naming.job_name(run.name, iteration, naming.TRAIN, attempt)
-    service = naming.service_name(run.name, iteration)
+    service = naming.service_name(run.name)
     first = max(0, iteration - run.spec.keep_previous)
     synthetic = [f"--synthetic={i}={naming.synthetic_uri(prefix, i)}" for i in range(first, iteration + 1)]
     return [
@@ -146,7 +146,7 @@ def train_job(run: api.SpinRun, prefix: str, iteration: int, attempt: int) -> di
                            run.spec.training.gpus_per_node)
     container["ports"] = [{"name": "rendezvous", "containerPort": run.spec.training.port}]
     pod_spec = _pod_spec(run, container)
-    pod_spec["subdomain"] = naming.service_name(run.name, iteration)
+    pod_spec["subdomain"] = naming.service_name(run.name)
     return {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
         "spec": {
@@ -157,11 +157,12 @@ def train_job(run: api.SpinRun, prefix: str, iteration: int, attempt: int) -> di
     }
 
 
-def train_service(run: api.SpinRun, iteration: int) -> dict[str, Any]:
-    name = naming.service_name(run.name, iteration)
-    meta = _metadata(run, name, iteration, naming.TRAIN, 0)
-    selector = {naming.LABEL_RUN_UID: run.uid, naming.LABEL_ITERATION: str(iteration),
-                naming.LABEL_ROLE: naming.TRAIN}
+def train_service(run: api.SpinRun) -> dict[str, Any]:
+    labels = {k: v for k, v in naming.labels(run.name, run.uid, 0, naming.TRAIN).items()
+              if k not in (naming.LABEL_ITERATION, naming.LABEL_ATTEMPT)}
+    meta = {"name": naming.service_name(run.name), "namespace": run.namespace, "labels": labels,
+            "ownerReferences": [_owner(run)]}
+    selector = {naming.LABEL_RUN_UID: run.uid, naming.LABEL_ROLE: naming.TRAIN}
     return {
         "apiVersion": "v1", "kind": "Service", "metadata": meta,
         "spec": {"clusterIP": "None", "selector": selector, "publishNotReadyAddresses": True,

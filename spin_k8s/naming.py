@@ -37,9 +37,10 @@ def job_name(run: str, iteration: int, role: str, attempt: int = 0) -> str:
     return _checked(f"{run}-i{iteration}-{short}{suffix}")
 
 
-def service_name(run: str, iteration: int) -> str:
-    """The headless Service a training gang rendezvouses through (shared by its restarts)."""
-    return _checked(f"{run}-i{iteration}-train")
+def service_name(run: str) -> str:
+    """The headless Service every training gang of a run rendezvouses through: gangs never overlap (one
+    iteration, one attempt at a time), so one Service serves them all."""
+    return _checked(f"{run}-train")
 
 
 def labels(run: str, run_uid: str, iteration: int, role: str, attempt: int = 0) -> dict[str, str]:

@@ -173,8 +173,8 @@ def _step(run: api.SpinRun, prefix: str, obs: Observed, lineage: Lineage, t: int
     per_grant = 1 if role == naming.GENERATE else run.spec.restart_limit + 1
     allowed = per_grant * (run.resumes + 1)
     latest = attempts[-1] if attempts else None
-    if role == naming.TRAIN and naming.service_name(run.name, t) not in obs.services:
-        p.actions.append(CreateService(manifests.train_service(run, t)))
+    if role == naming.TRAIN and naming.service_name(run.name) not in obs.services:
+        p.actions.append(CreateService(manifests.train_service(run)))
     if latest is None or (latest.state == "failed" and len(attempts) < allowed):
         attempt = len(attempts)
         if role == naming.GENERATE:
@@ -286,7 +286,7 @@ def _iterations(run: api.SpinRun, obs: Observed, steps: dict[tuple[int, str], di
         item: dict[str, Any] = {"iteration": t}
         if gen or rec_gen:
             item["generateJob"] = gen[-1].name if gen else (rec_gen or {}).get("job")
-            item["startTime"] = (rec_gen or {}).get("started") or (gen[0].started if gen else None)
+            item["startTime"] = (rec_gen or {}).get("started")  # from lineage: status changes only per step
         if train or rec_train:
             item["trainJob"] = train[-1].name if train else (rec_train or {}).get("job")
             item["restarts"] = max(0, len(train) - 1) if train else (rec_train or {}).get("restarts", 0)

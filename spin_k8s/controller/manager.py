@@ -23,7 +23,7 @@ from kubernetes.client.rest import ApiException
 
 from spin_k8s import api, naming
 from spin_k8s.controller import metrics
-from spin_k8s.controller.reconcile import Kube, Reconciler
+from spin_k8s.controller.reconcile import Cache, Kube, Reconciler
 
 log = logging.getLogger("spin_k8s.controller")
 Key = tuple[str, str]
@@ -31,16 +31,22 @@ LEASE_NAME = "spin-k8s-controller"
 
 
 class WorkQueue:
-    """Keys waiting for a reconcile, each at most once, each at its own due time."""
+    """Keys waiting for a reconcile, each at most once, each at its own due time; a key being reconciled
+    is handed to no other worker (one added meanwhile waits for :meth:`done`)."""
 
     def __init__(self) -> None:
         self._due: dict[Key, float] = {}
         self._heap: list[tuple[float, Key]] = []
+        self._processing: set[Key] = set()
+        self._again: dict[Key, float] = {}
         self._cv = threading.Condition()
 
     def add(self, key: Key, delay: float = 0.0) -> None:
         due = time.monotonic() + delay
         with self._cv:
+            if key in self._processing:
+                self._again[key] = min(delay, self._again.get(key, delay))
+                return
             if key in self._due and self._due[key] <= due:
                 return
             self._due[key] = due
@@ -56,9 +62,17 @@ class WorkQueue:
                 if self._heap and wait <= 0:
                     _, key = heapq.heappop(self._heap)
                     del self._due[key]
+                    self._processing.add(key)
                     return key
                 self._cv.wait(min(wait, 1.0))
         return None
+
+    def done(self, key: Key) -> None:
+        with self._cv:
+            self._processing.discard(key)
+            again = self._again.pop(key, None)
+        if again is not None:
+            self.add(key, again)
 
 
 class LeaderElector:
@@ -107,29 +121,38 @@ class LeaderElector:
         return True
 
 
-def _watch(stop: threading.Event, lister: Callable[..., Any], on_object: Callable[[dict[str, Any]], None],
-           **kwargs: Any) -> None:
-    """List then watch forever; a 410 Gone (or any break) means list again."""
+def _watch(stop: threading.Event, cache: Cache, kind: str, lister: Callable[..., Any],
+           enqueue: Callable[[Any], None], **kwargs: Any) -> None:
+    """List into the cache, then watch into it forever; a 410 Gone (or any break) means list again."""
     while not stop.is_set():
         try:
             listed = lister(**kwargs)
-            for item in listed["items"] if isinstance(listed, dict) else listed.items:
-                on_object(item if isinstance(item, dict) else item.to_dict())
+            items = listed["items"] if isinstance(listed, dict) else listed.items
+            cache.replace(kind, items)
+            for item in items:
+                enqueue(item)
             rv = listed["metadata"]["resourceVersion"] if isinstance(listed, dict) else listed.metadata.resource_version
             stream: Iterator[dict[str, Any]] = watch.Watch().stream(
-                lister, resource_version=rv, timeout_seconds=60, **kwargs)
+                lister, resource_version=rv, timeout_seconds=300, **kwargs)
             for event in stream:
                 if stop.is_set():
                     return
                 obj = event["object"]
-                on_object(obj if isinstance(obj, dict) else obj.to_dict())
+                if event["type"] == "DELETED":
+                    cache.delete(kind, obj)
+                elif event["type"] in ("ADDED", "MODIFIED"):
+                    cache.put(kind, obj)
+                else:
+                    continue
+                enqueue(obj)
         except ApiException as e:
             if e.status != 410:
-                log.warning("watch: %s %s", e.status, e.reason)
+                log.warning("watch %s: %s %s", kind, e.status, e.reason)
                 stop.wait(1)
         except Exception as e:  # a dropped connection: list again
-            log.warning("watch: %s", e)
-            stop.wait(1)
+            if not stop.is_set():
+                log.warning("watch %s: %s", kind, e)
+                stop.wait(1)
 
 
 class Manager:
@@ -138,7 +161,8 @@ class Manager:
                  workers: int = 2, lease_seconds: int = 15) -> None:
         self.api = api_client
         self.namespace = namespace
-        self.reconciler = Reconciler(Kube(api_client))
+        self.cache = Cache()
+        self.reconciler = Reconciler(Kube(api_client), self.cache)
         self.queue = WorkQueue()
         self.stop = threading.Event()
         self.elector = LeaderElector(api_client, lease_namespace, LEASE_NAME, identity, lease_seconds) \
@@ -154,11 +178,11 @@ class Manager:
         self._known.add(key)
         self.queue.add(key)
 
-    def _on_job(self, obj: dict[str, Any]) -> None:
-        meta = obj.get("metadata") or {}
-        run = (meta.get("labels") or {}).get(naming.LABEL_RUN)
+    def _on_child(self, obj: Any) -> None:
+        """A Job or Service of ours changed: reconcile its run."""
+        run = (obj.metadata.labels or {}).get(naming.LABEL_RUN)
         if run:
-            self.queue.add((meta.get("namespace", ""), run))
+            self.queue.add((obj.metadata.namespace, run))
 
     def _worker(self) -> None:
         while not self.stop.is_set():
@@ -166,17 +190,24 @@ class Manager:
             if key is None:
                 return
             try:
-                changed = self.reconciler.reconcile(*key)
-                metrics.inc("spin_controller_reconciles_total", result="changed" if changed else "ok")
-                self._failures.pop(key, None)
-                if changed:
-                    self.queue.add(key, 0.05)  # observe our own writes, go on at once
-            except Exception as e:
-                metrics.inc("spin_controller_reconciles_total", result="error")
-                n = self._failures[key] = self._failures.get(key, 0) + 1
-                delay = min(30.0, 0.5 * 2 ** min(n, 6))
-                log.warning("reconcile %s/%s failed (retry in %.1fs): %s", *key, delay, e)
-                self.queue.add(key, delay)
+                self._reconcile(key)
+            finally:
+                self.queue.done(key)
+
+    def _reconcile(self, key: Key) -> None:
+        try:
+            changed = self.reconciler.reconcile(*key)
+        except Exception as e:
+            metrics.inc("spin_controller_reconciles_total", result="error")
+            n = self._failures[key] = self._failures.get(key, 0) + 1
+            delay = min(30.0, 0.5 * 2 ** min(n, 6))
+            log.warning("reconcile %s/%s failed (retry in %.1fs): %s", *key, delay, e)
+            self.queue.add(key, delay)
+            return
+        metrics.inc("spin_controller_reconciles_total", result="changed" if changed else "ok")
+        self._failures.pop(key, None)
+        if changed:
+            self.queue.add(key, 0.05)  # the cache already holds our writes: go on at once
 
     def _resync(self) -> None:
         while not self.stop.wait(self.resync_seconds):
@@ -189,23 +220,29 @@ class Manager:
                 self.stop.wait(2)
             log.info("leading as %s", self.elector.identity)
             threading.Thread(target=self._renew, daemon=True, name="lease").start()
-        objects, batch = client.CustomObjectsApi(self.api), client.BatchV1Api(self.api)
+        objects, batch, core = (client.CustomObjectsApi(self.api), client.BatchV1Api(self.api),
+                                client.CoreV1Api(self.api))
         label = f"{naming.LABEL_MANAGED_BY}={naming.MANAGER}"
+        crd = {"group": api.GROUP, "version": api.VERSION, "plural": api.PLURAL}
         if self.namespace:
-            runs = (objects.list_namespaced_custom_object,
-                    {"group": api.GROUP, "version": api.VERSION, "namespace": self.namespace, "plural": api.PLURAL})
-            jobs = (batch.list_namespaced_job, {"namespace": self.namespace, "label_selector": label})
+            ns = {"namespace": self.namespace}
+            sources = [("runs", objects.list_namespaced_custom_object, {**crd, **ns}, self._on_run),
+                       ("jobs", batch.list_namespaced_job, {**ns, "label_selector": label}, self._on_child),
+                       ("services", core.list_namespaced_service, {**ns, "label_selector": label}, self._on_child)]
         else:
-            runs = (objects.list_cluster_custom_object, {"group": api.GROUP, "version": api.VERSION,
-                                                         "plural": api.PLURAL})
-            jobs = (batch.list_job_for_all_namespaces, {"label_selector": label})
-        threads = [threading.Thread(target=_watch, args=(self.stop, runs[0], self._on_run), kwargs=runs[1],
-                                    daemon=True, name="watch-runs"),
-                   threading.Thread(target=_watch, args=(self.stop, jobs[0], self._on_job), kwargs=jobs[1],
-                                    daemon=True, name="watch-jobs"),
-                   threading.Thread(target=self._resync, daemon=True, name="resync")]
-        threads += [threading.Thread(target=self._worker, daemon=True, name=f"worker-{i}")
-                    for i in range(self.workers)]
+            sources = [("runs", objects.list_cluster_custom_object, crd, self._on_run),
+                       ("jobs", batch.list_job_for_all_namespaces, {"label_selector": label}, self._on_child),
+                       ("services", core.list_service_for_all_namespaces, {"label_selector": label}, self._on_child)]
+        threads = [threading.Thread(target=_watch, args=(self.stop, self.cache, kind, lister, handler), kwargs=kw,
+                                    daemon=True, name=f"watch-{kind}") for kind, lister, kw, handler in sources]
+        threads.append(threading.Thread(target=self._resync, daemon=True, name="resync"))
+        for t in threads:
+            t.start()
+        for event in self.cache.synced.values():  # plan only from complete caches
+            while not event.wait(1) and not self.stop.is_set():
+                pass
+        threads = [threading.Thread(target=self._worker, daemon=True, name=f"worker-{i}")
+                   for i in range(self.workers)]
         for t in threads:
             t.start()
         self.stop.wait()

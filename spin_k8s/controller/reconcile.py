@@ -12,6 +12,8 @@ import datetime
 import functools
 import json
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,48 @@ def job_view(job: client.V1Job) -> planner.JobView | None:
         finished=status.completion_time.strftime("%Y-%m-%dT%H:%M:%SZ") if status.completion_time else None)
 
 
+class Cache:
+    """What the watches delivered, by (namespace, name): SpinRuns as dicts, Jobs and Services as client
+    models. Reconciles read here instead of the API server; objects we create or write go in at once, so a
+    quick requeue does not miss them. Read-only for everyone but the watches and :class:`Reconciler`."""
+
+    KINDS = ("runs", "jobs", "services")
+
+    def __init__(self) -> None:
+        self._items: dict[str, dict[tuple[str, str], Any]] = {k: {} for k in self.KINDS}
+        self._lock = threading.Lock()
+        self.synced = {k: threading.Event() for k in self.KINDS}
+
+    @staticmethod
+    def _key(obj: Any) -> tuple[str, str]:
+        meta = obj["metadata"] if isinstance(obj, dict) else obj.metadata
+        return ((meta.get("namespace") or "", meta["name"]) if isinstance(meta, dict)
+                else (meta.namespace or "", meta.name))
+
+    def replace(self, kind: str, objects: list[Any]) -> None:
+        """A fresh list: drops what disappeared while no watch was running."""
+        with self._lock:
+            self._items[kind] = {self._key(o): o for o in objects}
+        self.synced[kind].set()
+
+    def put(self, kind: str, obj: Any) -> None:
+        with self._lock:
+            self._items[kind][self._key(obj)] = obj
+
+    def delete(self, kind: str, obj: Any) -> None:
+        with self._lock:
+            self._items[kind].pop(self._key(obj), None)
+
+    def get(self, kind: str, namespace: str, name: str) -> Any:
+        with self._lock:
+            return self._items[kind].get((namespace, name))
+
+    def owned(self, kind: str, namespace: str, run_uid: str) -> list[Any]:
+        with self._lock:
+            return [o for (ns, _), o in self._items[kind].items()
+                    if ns == namespace and (o.metadata.labels or {}).get(naming.LABEL_RUN_UID) == run_uid]
+
+
 @dataclass
 class Kube:
     """The controller's Kubernetes clients."""
@@ -75,9 +119,13 @@ class Kube:
 class Reconciler:
     """Reconciles SpinRuns by key. Holds S3 clients per credentials, nothing else between calls."""
 
-    def __init__(self, kube: Kube, component: str = "spin-controller") -> None:
+    SECRET_TTL = 60.0  # seconds a credentials Secret is trusted before it is read again
+
+    def __init__(self, kube: Kube, cache: Cache, component: str = "spin-controller") -> None:
         self.kube = kube
+        self.cache = cache
         self.component = component
+        self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
 
     # -- observe --------------------------------------------------------------------------------------------
     def _store(self, run: api.SpinRun) -> lineage.Store:
@@ -87,8 +135,12 @@ class Reconciler:
             return lineage.FileStore(Path(loc.key))
         creds: dict[str, str] = {}
         if run.spec.storage.credentials_secret:
-            secret = self.kube.core.read_namespaced_secret(run.spec.storage.credentials_secret, run.namespace)
-            creds = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+            key = (run.namespace, run.spec.storage.credentials_secret)
+            read_at, creds = self._secrets.get(key, (0.0, {}))
+            if time.monotonic() - read_at > self.SECRET_TTL:
+                secret = self.kube.core.read_namespaced_secret(key[1], key[0])
+                creds = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+                self._secrets[key] = (time.monotonic(), creds)
         return lineage.S3Store(_s3_client(run.spec.storage.endpoint, run.spec.storage.region,
                                           creds.get("AWS_ACCESS_KEY_ID"), creds.get("AWS_SECRET_ACCESS_KEY")),
                                loc.bucket, loc.key)
@@ -125,21 +177,15 @@ class Reconciler:
     def reconcile(self, namespace: str, name: str) -> bool:
         """Reconcile one run; True when something changed (the caller requeues soon)."""
         k = self.kube
-        try:
-            obj = k.objects.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
-        except ApiException as e:
-            if e.status == 404:
-                return False  # deleted: owner references garbage-collect its Jobs and Services
-            raise
+        obj = self.cache.get("runs", namespace, name)
+        if obj is None:
+            return False  # deleted: owner references garbage-collect its Jobs and Services
         errors = api.semantic_errors(obj)
         run = api.parse(obj)
         if run.deleting:
             return False
-        selector = naming.run_selector(run.name, run.uid)
-        jobs = [v for j in k.batch.list_namespaced_job(namespace, label_selector=selector).items
-                if (v := job_view(j)) is not None]
-        services = frozenset(s.metadata.name for s in
-                             k.core.list_namespaced_service(namespace, label_selector=selector).items)
+        jobs = [v for j in self.cache.owned("jobs", namespace, run.uid) if (v := job_view(j)) is not None]
+        services = frozenset(s.metadata.name for s in self.cache.owned("services", namespace, run.uid))
         prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
         try:
             store = self._store(run)
@@ -154,8 +200,14 @@ class Reconciler:
             self._apply(run, obj, store, action)
         status_changed = plan.status != run.status
         if status_changed:
-            k.objects.patch_namespaced_custom_object_status(api.GROUP, api.VERSION, namespace, api.PLURAL, name,
-                                                            {"status": plan.status})
+            try:
+                written = k.objects.patch_namespaced_custom_object_status(
+                    api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": plan.status})
+            except ApiException as e:
+                if e.status == 404:
+                    return False  # deleted meanwhile
+                raise
+            self.cache.put("runs", written)
             for event in plan.events:
                 self._emit(obj, event)
         if found.error:
@@ -173,16 +225,16 @@ class Reconciler:
             body = action.body
             try:
                 if isinstance(action, planner.CreateJob):
-                    k.batch.create_namespaced_job(ns, body)
+                    self.cache.put("jobs", k.batch.create_namespaced_job(ns, body))
                 else:
-                    k.core.create_namespaced_service(ns, body)
+                    self.cache.put("services", k.core.create_namespaced_service(ns, body))
             except ApiException as e:
                 if e.status != 409:
                     raise
                 self._check_ours(action, ns, run.uid)
             log.info("created %s %s/%s", body["kind"], ns, body["metadata"]["name"])
         elif isinstance(action, planner.SuspendJob):
-            k.batch.patch_namespaced_job(action.name, ns, {"spec": {"suspend": action.suspend}})
+            self.cache.put("jobs", k.batch.patch_namespaced_job(action.name, ns, {"spec": {"suspend": action.suspend}}))
 
     def _check_ours(self, action: planner.CreateJob | planner.CreateService, ns: str, uid: str) -> None:
         """A 409 is success only if the object that exists belongs to this run."""
@@ -191,6 +243,7 @@ class Reconciler:
                     else self.kube.core.read_namespaced_service(name, ns))
         if (existing.metadata.labels or {}).get(naming.LABEL_RUN_UID) != uid:
             raise RuntimeError(f"{name} already exists and does not belong to this SpinRun")
+        self.cache.put("jobs" if isinstance(action, planner.CreateJob) else "services", existing)
 
     def _emit(self, obj: dict[str, Any], event: planner.Event) -> None:
         meta = obj["metadata"]

@@ -28,7 +28,7 @@ def job(iteration: int, role: str, state: planner.JobState, attempt: int = 0) ->
 
 
 GEN, TRAIN = naming.GENERATE, naming.TRAIN
-SVC0 = frozenset({naming.service_name("demo", 0)})
+SVC0 = frozenset({naming.service_name("demo")})
 
 
 
@@ -56,7 +56,7 @@ def test_completed_generation_is_recorded_then_training_starts_in_the_same_plan(
     p = planner.plan(make_run(), obs, Lineage(outputs={(0, GEN): {"shards": ["x"]}}), NOW)
     assert isinstance(p.actions[0], RecordStep)
     assert (p.actions[0].iteration, p.actions[0].role, p.actions[0].record["shards"]) == (0, GEN, ["x"])
-    assert created(p) == ["demo-i0-train", "demo-i0-train"]  # the headless Service, then the Job
+    assert created(p) == ["demo-train", "demo-i0-train"]  # the headless Service, then the Job
     assert isinstance(p.actions[1], CreateService)
     assert p.status["phase"] == "Training"
 
