@@ -173,6 +173,8 @@ def test_two_iterations_complete_with_lineage(api: client.ApiClient, crd: None, 
     assert sorted(steps) == [(0, "generate"), (0, "train"), (1, "generate"), (1, "train")]
     assert all(len(s["sha256"]) == 64 for t in (0, 1) for s in steps[(t, "generate")]["shards"])
     assert steps[(1, "train")]["model"] == f"s3://{bucket}/{prefix}/i0/model"
+    assert all(len(steps[(t, "train")]["checkpointDigest"]) == 64 for t in (0, 1))
+    assert steps[(0, "train")]["checkpointDigest"] != steps[(1, "train")]["checkpointDigest"]
     assert steps[(1, "train")]["dataMix"] == [f"s3://{bucket}/{prefix}/i0/synthetic",
                                               f"s3://{bucket}/{prefix}/i1/synthetic"]
     assert status["manifest"] == f"s3://{bucket}/{prefix}/manifest.json"
@@ -416,3 +418,19 @@ def test_early_stop_when_the_model_can_no_longer_tell_real_from_synthetic(
     steps = lineage.load(run_lineage(s3_server, bucket, namespace, run))
     held_out = steps[(0, "train")]["metrics"]["eval"]
     assert held_out["eval/pairs"] > 0 and held_out["eval/rewards/accuracies"] < 1.0
+
+
+def test_kubectl_shows_iteration_phase_and_age(cluster: Cluster, api: client.ApiClient, crd: None,
+                                               namespace: str) -> None:
+    from invalid_specs import valid
+
+    from spin_k8s.testing import tools
+
+    objects = client.CustomObjectsApi(api)
+    objects.create_namespaced_custom_object(G, V, namespace, P, valid("shown"))
+    objects.patch_namespaced_custom_object_status(G, V, namespace, P, "shown",
+                                                  {"status": {"iteration": 1, "phase": "Training"}})
+    out = subprocess.run([str(tools.kube_binary("kubectl")), f"--kubeconfig={cluster.kubeconfig}", "-n", namespace,
+                          "get", "spin"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].split() == ["NAME", "ITERATION", "OF", "PHASE", "AGE"]
+    assert out[1].split()[:4] == ["shown", "1", "2", "Training"]

@@ -168,9 +168,9 @@ class Reconciler:
                 outputs[(j.iteration, j.role)] = {"shards": records} if complete else None
             else:
                 got = store.get(f"i{j.iteration}/model/metrics.json")
+                metrics = json.loads(got[0]) if got else None
                 outputs[(j.iteration, j.role)] = (
-                    {"metrics": json.loads(got[0]), "checkpointDigest": storage.sha256_bytes(got[0])}
-                    if got else None)
+                    {"metrics": metrics, "checkpointDigest": metrics.get("checkpoint_sha256")} if metrics else None)
         return outputs
 
     # -- the loop body -------------------------------------------------------------------------------------

@@ -287,6 +287,7 @@ def save_model(engine: Any, tokenizer: PreTrainedTokenizerBase, s: TrainSettings
                    else Path(local.key))
         engine.module.save_pretrained(staging, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        metrics = {**metrics, "checkpoint_sha256": storage.digest_dir(staging)}  # the lineage's checkpoint identity
         if local.scheme == "s3":
             storage.upload_dir(staging, s.output)
             shutil.rmtree(staging)
