@@ -22,6 +22,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from spin_k8s import api, lineage, naming, planner, storage
+from spin_k8s.workers import data
 
 log = logging.getLogger("spin_k8s.controller")
 
@@ -156,8 +157,8 @@ class Reconciler:
                 sub = f"i{j.iteration}/synthetic/"
                 records = []
                 for s in range(run.spec.generation.shards):
-                    name = f"shard-{s:05d}-of-{run.spec.generation.shards:05d}.jsonl"
-                    got = store.get(f"{sub}{name}.done.json")
+                    name = data.shard_name(s, run.spec.generation.shards)
+                    got = store.get(f"{sub}{data.done_name(s, run.spec.generation.shards)}")
                     if got is None:
                         break
                     rec = json.loads(got[0])
