@@ -19,6 +19,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+import spin_k8s
+
 GROUP = "selfplay.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -26,6 +28,18 @@ KIND = "SpinRun"
 PLURAL = "spinruns"
 MAX_NAME_LENGTH = 40
 RESUME_ANNOTATION = f"{GROUP}/resume"  # an integer bumped by `spinctl resume`: each grants a new restart budget
+
+
+@dataclass(frozen=True)
+class Images:
+    """Worker images used where a SpinRun's ``spec.images`` names none (the controller's flags set them)."""
+
+    generate: str
+    train: str
+
+
+DEFAULT_IMAGES = Images(generate=f"ghcr.io/spin-k8s/generate:{spin_k8s.__version__}",
+                        train=f"ghcr.io/spin-k8s/train:{spin_k8s.__version__}")
 
 
 @functools.cache
@@ -166,7 +180,7 @@ class SpinRun:
     deleting: bool = False
 
 
-def _spec(raw: dict[str, Any]) -> Spec:
+def _spec(raw: dict[str, Any], defaults: Images) -> Spec:
     g, t, d = raw["generation"], raw["training"], raw["data"]
     storage = raw["storage"]
     images = raw["images"]
@@ -184,7 +198,8 @@ def _spec(raw: dict[str, Any]) -> Spec:
             t["checkpointEverySteps"], t["port"]),
         overrides={o["iteration"]: {k: v for k, v in o.items() if k != "iteration"}
                    for o in raw.get("iterationOverrides") or []},
-        image_generate=images["generate"], image_train=images["train"], pull_policy=images["pullPolicy"],
+        image_generate=images.get("generate") or defaults.generate,
+        image_train=images.get("train") or defaults.train, pull_policy=images["pullPolicy"],
         resources=dict(raw.get("resources") or {}), node_selector=dict(raw.get("nodeSelector") or {}),
         pod_labels=dict(raw.get("podLabels") or {}), pod_annotations=dict(raw.get("podAnnotations") or {}),
         tolerations=tuple(raw.get("tolerations") or ()), service_account=raw.get("serviceAccountName"),
@@ -211,8 +226,8 @@ def semantic_errors(obj: dict[str, Any]) -> list[str]:
     return errors
 
 
-def parse(obj: dict[str, Any]) -> SpinRun:
-    """A SpinRun from an API object (as served: defaults already applied)."""
+def parse(obj: dict[str, Any], images: Images = DEFAULT_IMAGES) -> SpinRun:
+    """A SpinRun from an API object (as served: defaults already applied); ``images`` fill unset worker images."""
     meta = obj["metadata"]
     annotations = meta.get("annotations") or {}
     try:
@@ -221,6 +236,7 @@ def parse(obj: dict[str, Any]) -> SpinRun:
         resumes = 0
     return SpinRun(
         name=meta["name"], namespace=meta.get("namespace", "default"), uid=meta.get("uid", ""),
-        generation=int(meta.get("generation", 0)), spec=_spec(obj["spec"]), status=dict(obj.get("status") or {}),
+        generation=int(meta.get("generation", 0)), spec=_spec(obj["spec"], images),
+        status=dict(obj.get("status") or {}),
         resumes=resumes, deleting=meta.get("deletionTimestamp") is not None,
     )

@@ -158,11 +158,11 @@ def _watch(stop: threading.Event, cache: Cache, kind: str, lister: Callable[...,
 class Manager:
     def __init__(self, api_client: client.ApiClient, namespace: str | None, identity: str,
                  lease_namespace: str, leader_elect: bool = True, resync_seconds: float = 30.0,
-                 workers: int = 2, lease_seconds: int = 15) -> None:
+                 workers: int = 2, lease_seconds: int = 15, images: api.Images = api.DEFAULT_IMAGES) -> None:
         self.api = api_client
         self.namespace = namespace
         self.cache = Cache()
-        self.reconciler = Reconciler(Kube(api_client), self.cache)
+        self.reconciler = Reconciler(Kube(api_client), self.cache, images=images)
         self.queue = WorkQueue()
         self.stop = threading.Event()
         self.elector = LeaderElector(api_client, lease_namespace, LEASE_NAME, identity, lease_seconds) \
@@ -272,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resync-seconds", type=float, default=30.0, help="re-plan every run this often")
     parser.add_argument("--metrics-bind", default="",
                         help="address:port serving /metrics and /healthz, e.g. 0.0.0.0:8080 in a pod (default: off)")
+    parser.add_argument("--generate-image", default=api.DEFAULT_IMAGES.generate,
+                        help="generation image for SpinRuns that set no spec.images.generate "
+                             f"(default {api.DEFAULT_IMAGES.generate})")
+    parser.add_argument("--train-image", default=api.DEFAULT_IMAGES.train,
+                        help="training image for SpinRuns that set no spec.images.train "
+                             f"(default {api.DEFAULT_IMAGES.train})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
@@ -283,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics.serve(address, int(port))
     identity = f"{socket.gethostname()}-{os.getpid()}"
     manager = Manager(api_client, args.namespace, identity, args.lease_namespace, args.leader_elect,
-                      args.resync_seconds, lease_seconds=args.lease_seconds)
+                      args.resync_seconds, lease_seconds=args.lease_seconds,
+                      images=api.Images(generate=args.generate_image, train=args.train_image))
     manager.run()
     return 0
 

@@ -122,8 +122,10 @@ class Reconciler:
 
     SECRET_TTL = 60.0  # seconds a credentials Secret is trusted before it is read again
 
-    def __init__(self, kube: Kube, cache: Cache, component: str = "spin-controller") -> None:
+    def __init__(self, kube: Kube, cache: Cache, component: str = "spin-controller",
+                 images: api.Images = api.DEFAULT_IMAGES) -> None:
         self.kube = kube
+        self.images = images
         self.cache = cache
         self.component = component
         self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
@@ -182,7 +184,7 @@ class Reconciler:
         if obj is None:
             return False  # deleted: owner references garbage-collect its Jobs and Services
         errors = api.semantic_errors(obj)
-        run = api.parse(obj)
+        run = api.parse(obj, self.images)
         if run.deleting:
             return False
         jobs = [v for j in self.cache.owned("jobs", namespace, run.uid) if (v := job_view(j)) is not None]

@@ -40,3 +40,14 @@ def test_bad_specs_are_refused_offline_naming_the_field(why: str, obj: dict[str,
 
 def test_long_name_is_refused() -> None:
     assert any("metadata.name" in e for e in api.semantic_errors(valid("x" * 41)))
+
+
+def test_unset_worker_images_come_from_the_controller_defaults() -> None:
+    obj = api.load_defaulted(valid("imgs"))
+    assert "generate" not in obj["spec"]["images"]  # the CRD leaves them to the controller
+    ours = api.Images(generate="registry.local/gen:1", train="registry.local/train:1")
+    run = api.parse(obj, ours)
+    assert (run.spec.image_generate, run.spec.image_train) == ("registry.local/gen:1", "registry.local/train:1")
+    obj["spec"]["images"]["train"] = "mine/train:2"
+    assert api.parse(obj, ours).spec.image_train == "mine/train:2"
+    assert api.parse(obj).spec.image_generate == api.DEFAULT_IMAGES.generate
