@@ -85,6 +85,28 @@ def test_failing_pod_fails_the_job_with_its_exit_code(api: client.ApiClient, nam
     assert pod.status.container_statuses[0].state.terminated.exit_code == 3
 
 
+def test_container_logs_are_served_through_the_apiserver(cluster: Cluster, api: client.ApiClient,
+                                                         namespace: str) -> None:
+    core = client.CoreV1Api(api)
+    # The pod prints three lines, then waits for a file the test writes, then prints a last line: a follow
+    # started while it runs must see the last line arrive and end when the pod does.
+    command = 'for i in 1 2 3; do echo "line $i"; done; while [ ! -e go ]; do sleep 0.1; done; echo done'
+    container = {"name": "main", "image": "busybox", "command": ["sh", "-c", command]}
+    core.create_namespaced_pod(namespace, {"metadata": {"name": "talk"},
+                                           "spec": {"restartPolicy": "Never", "containers": [container]}})
+    wait_until("the first lines", lambda: "line 3" in core.read_namespaced_pod_log("talk", namespace), 60)
+    assert core.read_namespaced_pod_log("talk", namespace, tail_lines=2) == "line 2\nline 3\n"
+    follow = subprocess.Popen([str(tools.kube_binary("kubectl")), f"--kubeconfig={cluster.kubeconfig}", "-n",
+                               namespace, "logs", "-f", "talk"], stdout=subprocess.PIPE, text=True)
+    (pod_dir,) = (cluster.node_root / "pods").glob(f"{namespace}_talk_*")
+    (pod_dir / "go").touch()
+    out, _ = follow.communicate(timeout=60)
+    assert (follow.returncode, out) == (0, "line 1\nline 2\nline 3\ndone\n")
+    with pytest.raises(ApiException) as missing:
+        core.read_namespaced_pod_log("talk", namespace, container="nope")
+    assert missing.value.status == 400  # the apiserver itself refuses a container the pod does not have
+
+
 def test_pod_env_from_downward_api_and_secret(cluster: Cluster, api: client.ApiClient, namespace: str) -> None:
     core = client.CoreV1Api(api)
     core.create_namespaced_secret(namespace, {"metadata": {"name": "creds"}, "stringData": {"key": "s3cret"}})

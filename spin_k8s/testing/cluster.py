@@ -159,6 +159,8 @@ class Cluster:
         kcm = ca.client("controller-manager", "system:kube-controller-manager")
         sched = ca.client("scheduler", "system:kube-scheduler")
         node = ca.client("node", f"system:node:{self.node_name}", "system:nodes")
+        kubelet_client = ca.client("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters")
+        node_serving = ca.server("node-agent", ["localhost", self.node_name])
 
         etcd_port, etcd_peer, self.apiserver_port = free_port(), free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
@@ -170,7 +172,8 @@ class Cluster:
             f"--initial-cluster=default={peer_url}", "--unsafe-no-fsync", "--log-level=warn",
         ], logs))
         try:
-            self._start_control_plane(ca, etcd_url, serving, sa_key, sa_pub, admin, kcm, sched, node, logs)
+            self._start_control_plane(ca, etcd_url, serving, sa_key, sa_pub, admin, kcm, sched, node, logs,
+                                      kubelet_client, node_serving)
         except BaseException:
             self.stop()
             raise
@@ -179,7 +182,8 @@ class Cluster:
 
     def _start_control_plane(self, ca: pki.PKI, etcd_url: str, serving: pki.ClientCert, sa_key: Path,
                              sa_pub: Path, admin: pki.ClientCert, kcm: pki.ClientCert,
-                             sched: pki.ClientCert, node: pki.ClientCert, logs: Path) -> None:
+                             sched: pki.ClientCert, node: pki.ClientCert, logs: Path,
+                             kubelet_client: pki.ClientCert, node_serving: pki.ClientCert) -> None:
         ca_file = ca.ca_cert_path
         wait_until("etcd", lambda: urllib.request.urlopen(f"{etcd_url}/health", timeout=1).status == 200,
                    30, self.processes)
@@ -194,6 +198,7 @@ class Cluster:
             "--service-cluster-ip-range=10.96.0.0/16", "--endpoint-reconciler-type=none",
             "--allow-privileged=true", "--profiling=false", f"--cert-dir={self.root / 'apiserver-certs'}",
             "--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={ca_file}",
+            f"--kubelet-client-certificate={kubelet_client.cert}", f"--kubelet-client-key={kubelet_client.key}",
         ], logs))
         wait_until("kube-apiserver /readyz", lambda: self._https_ok(f"{self.server}/readyz", admin), 60,
                    self.processes)
@@ -220,6 +225,7 @@ class Cluster:
             sys.executable, "-m", "spin_k8s.testing.nodeagent", f"--kubeconfig={node_config}",
             f"--node={self.node_name}", f"--root={self.node_root}",
             f"--apiserver-port={self.apiserver_port}", f"--ca={ca_file}",
+            f"--serving-cert={node_serving.cert}", f"--serving-key={node_serving.key}",
         ], logs, agent_env))
         api = config.new_client_from_config(config_file=str(self.kubeconfig))
         core = client.CoreV1Api(api)

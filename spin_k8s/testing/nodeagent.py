@@ -45,6 +45,8 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
+from spin_k8s.testing import podlogs
+
 log = logging.getLogger("spin_k8s.nodeagent")
 
 EXIT_CODE_ANNOTATION = "nodeagent.selfplay.dev/exit-code"
@@ -389,6 +391,7 @@ class NodeAgent:
                          "ephemeral-storage": "500Gi", **(capacity or {})}
         self.passed_env = passed_env
         self.pod_kubeconfig: Any = None
+        self.kubelet_port = 0  # where the apiserver reads container logs (podlogs.LogServer); 0: not served
         self.hosts = HostsFile(root / "hosts")
         self.isolate = _can_isolate()
         self._runners: dict[str, PodRunner] = {}
@@ -412,6 +415,7 @@ class NodeAgent:
             "capacity": self.capacity, "allocatable": self.capacity,
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
                           {"type": "Hostname", "address": self.node_name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "conditions": [
                 {"type": "Ready", "status": "True", "reason": "NodeAgentReady", "message": "spin-k8s node agent",
                  "lastHeartbeatTime": now, "lastTransitionTime": now},
@@ -440,6 +444,11 @@ class NodeAgent:
             except Exception:
                 log.exception("lease renewal")
             self._stop.wait(RENEW_SECONDS)
+
+    def running(self, pod_dir: Path) -> bool:
+        """Whether the pod whose working directory is ``pod_dir`` still has a runner."""
+        with self._lock:
+            return any(r.dir == pod_dir for r in self._runners.values())
 
     def finished(self, runner: PodRunner) -> None:
         with self._lock:
@@ -540,6 +549,8 @@ def main() -> None:
     parser.add_argument("--root", required=True, type=Path, help="directory for pod working dirs and logs")
     parser.add_argument("--apiserver-port", type=int, required=True, help="given to pods as KUBERNETES_SERVICE_PORT")
     parser.add_argument("--ca", type=Path, help="CA certificate written into pods' service-account kubeconfigs")
+    parser.add_argument("--serving-cert", type=Path, help="TLS certificate of the container-log endpoint")
+    parser.add_argument("--serving-key", type=Path, help="its key; with --serving-cert and --ca, logs are served")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s %(message)s")
     api = config.new_client_from_config(config_file=args.kubeconfig)
@@ -547,6 +558,10 @@ def main() -> None:
     agent = NodeAgent(api, args.node, args.root, args.apiserver_port)
     if args.ca is not None:
         agent.pod_kubeconfig = _service_account_kubeconfig(agent, args.ca)
+    if args.ca is not None and args.serving_cert is not None and args.serving_key is not None:
+        logs = podlogs.LogServer(args.root / "pods", agent.running, args.serving_cert, args.serving_key, args.ca)
+        logs.start()
+        agent.kubelet_port = logs.port
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     log.info("node %s: isolation=%s", args.node, agent.isolate)
     try:
