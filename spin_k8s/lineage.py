@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import spin_k8s
-from spin_k8s import naming
+from spin_k8s import naming, storage
 
 _CAS_ATTEMPTS = 20
 
@@ -89,6 +90,28 @@ class FileStore:
                 f.write(data)
             os.replace(tmp, path)
         return True
+
+
+@functools.lru_cache(maxsize=64)
+def _s3_client(endpoint: str | None, region: str, key: str | None, secret: str | None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, aws_access_key_id=key,
+                        aws_secret_access_key=secret,
+                        config=Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 2}))
+
+
+def open_store(prefix: str, *, endpoint: str | None = None, region: str = "us-east-1",
+               credentials: dict[str, str] | None = None) -> Store:
+    """The store of a run's prefix (``naming.run_prefix``): S3 for ``s3://``, else a local directory.
+    ``credentials`` holds ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (None: boto3's default chain)."""
+    loc = storage.parse(prefix)
+    if loc.scheme != "s3":
+        return FileStore(Path(loc.key))
+    creds = credentials or {}
+    return S3Store(_s3_client(endpoint, region, creds.get("AWS_ACCESS_KEY_ID"), creds.get("AWS_SECRET_ACCESS_KEY")),
+                   loc.bucket, loc.key)
 
 
 def _now() -> str:

@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from kubernetes import client
@@ -133,20 +132,16 @@ class Reconciler:
     # -- observe --------------------------------------------------------------------------------------------
     def _store(self, run: api.SpinRun) -> lineage.Store:
         prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
-        loc = storage.parse(prefix)
-        if loc.scheme != "s3":
-            return lineage.FileStore(Path(loc.key))
         creds: dict[str, str] = {}
-        if run.spec.storage.credentials_secret:
+        if run.spec.storage.credentials_secret and storage.is_s3(prefix):
             key = (run.namespace, run.spec.storage.credentials_secret)
             read_at, creds = self._secrets.get(key, (0.0, {}))
             if time.monotonic() - read_at > self.SECRET_TTL:
                 secret = self.kube.core.read_namespaced_secret(key[1], key[0])
                 creds = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
                 self._secrets[key] = (time.monotonic(), creds)
-        return lineage.S3Store(_s3_client(run.spec.storage.endpoint, run.spec.storage.region,
-                                          creds.get("AWS_ACCESS_KEY_ID"), creds.get("AWS_SECRET_ACCESS_KEY")),
-                               loc.bucket, loc.key)
+        return lineage.open_store(prefix, endpoint=run.spec.storage.endpoint, region=run.spec.storage.region,
+                                  credentials=creds)
 
     def _outputs(self, store: lineage.Store, run: api.SpinRun, prefix: str, jobs: list[planner.JobView],
                  steps: dict[tuple[int, str], dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any] | None]:
@@ -261,13 +256,3 @@ class Reconciler:
             self.kube.core.create_namespaced_event(meta["namespace"], body)
         except ApiException as e:  # an event is best effort; the status already says it
             log.warning("event %s: %s", event.reason, e.reason)
-
-
-@functools.lru_cache(maxsize=64)
-def _s3_client(endpoint: str | None, region: str, key: str | None, secret: str | None) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, aws_access_key_id=key,
-                        aws_secret_access_key=secret,
-                        config=Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 2}))
