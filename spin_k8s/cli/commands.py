@@ -1,0 +1,399 @@
+"""The ``spinctl`` commands: fetch from the cluster (or storage), then hand values to ``output``.
+
+Mutating commands print what they did and the next command to run; ``start --dry-run`` computes and prints
+without touching the cluster. Every failure leaves as one line and exit code 1 (``session.Group``).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from kubernetes.client.rest import ApiException
+
+import spin_k8s
+from spin_k8s import api, lineage, naming, planner
+from spin_k8s.cli import output, spec
+from spin_k8s.cli.session import Group, Session, cluster_options, output_option
+
+G, V, P = api.GROUP, api.VERSION, api.PLURAL
+TERMINAL = (planner.SUCCEEDED, planner.FAILED)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def get_run(session: Session, name: str) -> dict[str, Any]:
+    try:
+        run: dict[str, Any] = session.objects.get_namespaced_custom_object(G, V, session.namespace, P, name)
+    except ApiException as e:
+        if e.status == 404 and name in (e.body or ""):
+            raise click.ClickException(f'spinrun "{name}" not found in namespace "{session.namespace}"') from None
+        raise
+    return run
+
+
+def run_jobs(session: Session, run: dict[str, Any]) -> list[dict[str, Any]]:
+    selector = naming.run_selector(run["metadata"]["name"], run["metadata"]["uid"])
+    jobs = session.batch.list_namespaced_job(session.namespace, label_selector=selector).items
+    return sorted((output.job_summary(j) for j in jobs),
+                  key=lambda j: (j["iteration"], naming.ROLES.index(j["role"]) if j["role"] in naming.ROLES else 9,
+                                 j["attempt"]))
+
+
+def _complete_run_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of run names from the cluster; silent when the cluster cannot be reached."""
+    try:
+        p = ctx.params
+        session = Session(p.get("kubeconfig"), p.get("context"), p.get("namespace"))
+        items = session.objects.list_namespaced_custom_object(G, V, session.namespace, P, _request_timeout=3)["items"]
+    except Exception:
+        return []
+    return [i["metadata"]["name"] for i in items if i["metadata"]["name"].startswith(incomplete)]
+
+
+NAME = click.argument("name", shell_complete=_complete_run_names)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(spin_k8s.__version__, prog_name="spinctl")
+@click.option("--debug", is_flag=True, hidden=True, help="show tracebacks instead of one-line errors")
+def main(debug: bool) -> None:
+    """Run Self-Play Fine-Tuning (SPIN) on Kubernetes.
+
+    \b
+    Examples:
+      spinctl start --name demo --iterations 4 --model s3://models/zephyr-sft \\
+          --dataset s3://data/ultrachat.jsonl --storage s3://spin-runs
+      spinctl start -f manifests/examples/tiny-cpu.yaml --wait
+      spinctl list
+      spinctl status demo
+      spinctl logs demo --iteration 1 --role train -f
+      spinctl lineage demo --diff 0 1
+    """
+    # The client's retry warnings would break the one-line error a user gets when the cluster is down.
+    logging.getLogger("urllib3").setLevel(logging.CRITICAL if not debug else logging.DEBUG)
+
+
+@main.command()
+@cluster_options
+@click.option("-f", "--filename", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="a SpinRun YAML (the whole object or just its spec); flags and --set override it")
+@click.option("--name", help="run name (default: from the file, else spin-XXXXXX)")
+@click.option("--model", help="the SFT model to start from (s3://, file:// or a path)")
+@click.option("--dataset", help="the SFT dataset, JSONL or Parquet (s3://, file:// or a path)")
+@click.option("--iterations", type=int, help="SPIN iterations to run (required unless the file sets it)")
+@click.option("--storage", "storage_uri", metavar="URI", help="where lineage, data and models go, e.g. s3://bucket/spin")
+@click.option("--storage-secret", metavar="SECRET", help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+@click.option("--storage-endpoint", metavar="URL", help="S3 endpoint for non-AWS object stores")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="set any spec field, e.g. --set training.learningRate=5e-7 --set generation.shards=8 (repeatable)")
+@click.option("--dry-run", is_flag=True, help="print the SpinRun and the Jobs of iteration 0; create nothing")
+@click.option("-o", "--output", "fmt", type=click.Choice(["name", "yaml", "json"]), default="name", show_default=True,
+              help="what to print: the run's name, or the objects (with --dry-run: the Jobs too)")
+@click.option("--wait", is_flag=True, help="follow the run until it ends; exit 0 if it succeeded, 1 if it failed")
+@click.option("--timeout", type=float, default=0, help="with --wait: give up after this many seconds (0: never)")
+@click.option("--local", "local_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="run on this machine instead, as local processes, state in DIR (resumes if DIR has the run)")
+def start(session: Session, filename: Path | None, name: str | None, model: str | None, dataset: str | None,
+          iterations: int | None, storage_uri: str | None, storage_secret: str | None, storage_endpoint: str | None,
+          sets: tuple[str, ...], dry_run: bool, fmt: str, wait: bool, timeout: float, local_dir: Path | None) -> None:
+    """Create a SpinRun: the controller then runs its iterations.
+
+    \b
+    Examples:
+      spinctl start --name demo --iterations 4 --model s3://models/sft --dataset s3://data/sft.jsonl \\
+          --storage s3://spin-runs --storage-secret s3-credentials --wait
+      spinctl start -f manifests/examples/zephyr-7b-gpu.yaml --set training.nodes=2
+      spinctl start -f run.yaml --dry-run -o yaml        # the SpinRun and iteration 0's Jobs, nothing created
+      spinctl start -f run.yaml --local ./runs/demo      # no cluster: everything as local processes
+    """
+    flags = {"model": model, "dataset": dataset, "iterations": iterations, "storage.uri": storage_uri,
+             "storage.credentialsSecret": storage_secret, "storage.endpoint": storage_endpoint}
+    try:
+        base = spec.load_file(filename) if filename else None
+        # Reading the namespace from the kubeconfig is offline; a local run needs no kubeconfig at all.
+        namespace = (session.namespace_flag or "default") if local_dir else session.namespace
+        obj = spec.build(base, name=name, namespace=namespace, flags=flags, sets=sets)
+        if local_dir is not None:
+            _start_local(obj, local_dir)
+            return
+        spec.check(obj)
+    except spec.SpecError as e:
+        raise click.ClickException(str(e)) from None
+    if dry_run:
+        objects = spec.preview(obj)
+        if fmt == "json":
+            click.echo(output.dump({"apiVersion": "v1", "kind": "List", "items": objects}, "json"))
+        elif fmt == "yaml":
+            click.echo("\n---\n".join(output.dump(o, "yaml") for o in objects))
+        else:
+            click.echo("\n".join(f"{o['kind'].lower()}/{o['metadata']['name']} (dry run)" for o in objects))
+        return
+    created = session.objects.create_namespaced_custom_object(G, V, session.namespace, P, obj)
+    click.echo(output.dump(created, fmt) if fmt != "name" else f"spinrun/{created['metadata']['name']} created")
+    if wait:
+        _wait(session, created["metadata"]["name"], timeout)
+    elif fmt == "name":
+        click.echo(f"follow it: spinctl status {created['metadata']['name']} -n {session.namespace}", err=True)
+
+
+def _start_local(obj: dict[str, Any], workdir: Path) -> None:
+    from spin_k8s import local
+
+    try:
+        result = local.run(obj, workdir, on_event=click.echo)
+    except ValueError as e:
+        raise click.ClickException(str(e).replace("\n", "; ")) from None
+    click.echo(f"{obj['metadata']['name']}: {result.phase} ({result.reason}); lineage: {result.manifest}")
+    if result.phase != planner.SUCCEEDED:
+        raise click.ClickException(f"{obj['metadata']['name']} {result.phase.lower()}: {result.message}")
+
+
+def _wait(session: Session, name: str, timeout: float) -> None:
+    """Print a line whenever the run's progress changes, until it ends; raise if it failed."""
+    started, last = time.monotonic(), ""
+    while True:
+        run = get_run(session, name)
+        line = output.progress_line(run, run_jobs(session, run))
+        if line != last:
+            elapsed = int(time.monotonic() - started)
+            click.echo(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {line}")
+            last = line
+        status = run.get("status") or {}
+        if status.get("phase") in TERMINAL and status.get("observedGeneration") == run["metadata"]["generation"]:
+            break
+        if timeout and time.monotonic() - started > timeout:
+            raise click.ClickException(f"gave up waiting for {name} after {timeout:g}s; it keeps running "
+                                       f"(spinctl status {name})")
+        time.sleep(1)
+    if status["phase"] == planner.FAILED:
+        message = next((c.get("message") for c in status.get("conditions") or [] if c["type"] == "Failed"), "")
+        raise click.ClickException(f"{name} failed: {status.get('reason')}: {message}")
+    click.echo(f"{name} succeeded: {status.get('reason')}; lineage: {status.get('manifest')}")
+
+
+@main.command(name="list")
+@cluster_options
+@output_option
+@click.option("-A", "--all-namespaces", is_flag=True, help="list runs in every namespace")
+def list_runs(session: Session, fmt: str, all_namespaces: bool) -> None:
+    """List SpinRuns with their iteration and phase.
+
+    \b
+    Examples:
+      spinctl list
+      spinctl list -A -o json
+    """
+    if all_namespaces:
+        items = session.objects.list_cluster_custom_object(G, V, P)["items"]
+    else:
+        items = session.objects.list_namespaced_custom_object(G, V, session.namespace, P)["items"]
+    items.sort(key=lambda r: (r["metadata"].get("namespace", ""), r["metadata"]["name"]))
+    if fmt != "table":
+        click.echo(output.dump(items, fmt))
+    elif not items:
+        click.echo("No SpinRuns found" + ("" if all_namespaces else f" in namespace {session.namespace}") + ".",
+                   err=True)
+    else:
+        click.echo(output.runs_table(items, _now(), all_namespaces))
+
+
+@main.command()
+@cluster_options
+@output_option
+@NAME
+def status(session: Session, fmt: str, name: str) -> None:
+    """Show a run: phase, each iteration's Jobs, restarts and metrics, conditions.
+
+    \b
+    Examples:
+      spinctl status demo
+      spinctl status demo -o json | jq '.run.status.iterations'
+    """
+    run = get_run(session, name)
+    jobs = run_jobs(session, run)
+    if fmt == "table":
+        click.echo(output.run_status(run, jobs, _now()))
+    else:
+        click.echo(output.dump({"run": run, "jobs": jobs}, fmt))
+
+
+@main.command()
+@cluster_options
+@NAME
+@click.option("--iteration", type=int, help="iteration (default: the run's current one)")
+@click.option("--role", type=click.Choice(["gen", "generate", "train"]),
+              help="which Job (default: the one the run is in: generate while Generating, else train)")
+@click.option("--index", type=int, default=0, show_default=True, help="completion index: the shard or the node rank")
+@click.option("-f", "--follow", is_flag=True, help="stream the log until the pod ends")
+@click.option("--tail", type=int, help="only the last N lines")
+def logs(session: Session, name: str, iteration: int | None, role: str | None, index: int, follow: bool,
+         tail: int | None) -> None:
+    """Print a worker's log (the newest attempt's pod).
+
+    \b
+    Examples:
+      spinctl logs demo                                   # the pod the run is waiting for
+      spinctl logs demo --iteration 0 --role gen --index 1
+      spinctl logs demo --role train -f --tail 20
+    """
+    run = get_run(session, name)
+    status_ = run.get("status") or {}
+    t = int(status_.get("iteration", 0)) if iteration is None else iteration
+    chosen = {"gen": naming.GENERATE, "generate": naming.GENERATE, "train": naming.TRAIN}.get(role or "") or (
+        naming.GENERATE if status_.get("phase") in (planner.PENDING, planner.GENERATING) else naming.TRAIN)
+    selector = (f"{naming.run_selector(name, run['metadata']['uid'])},{naming.LABEL_ITERATION}={t},"
+                f"{naming.LABEL_ROLE}={chosen}")
+    pods = [p for p in session.core.list_namespaced_pod(session.namespace, label_selector=selector).items
+            if (p.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index") == str(index)]
+    if not pods:
+        raise click.ClickException(f"no {chosen} pod with index {index} in iteration {t} of {name} "
+                                   f"(not started yet, or its Job was removed)")
+    pod = max(pods, key=lambda p: (int((p.metadata.labels or {}).get(naming.LABEL_ATTEMPT, 0)),
+                                   p.metadata.creation_timestamp))
+    if follow:
+        stream = session.core.read_namespaced_pod_log(pod.metadata.name, session.namespace, container=chosen,
+                                                      follow=True, tail_lines=tail, _preload_content=False)
+        for chunk in stream.stream(1024):
+            click.echo(chunk.decode(errors="replace"), nl=False)
+        return
+    text = session.core.read_namespaced_pod_log(pod.metadata.name, session.namespace, container=chosen,
+                                                tail_lines=tail)
+    click.echo(text, nl=False)
+
+
+@main.command()
+@cluster_options
+@NAME
+def cancel(session: Session, name: str) -> None:
+    """Stop a run: its Jobs are suspended (their pods end), lineage and finished iterations are kept.
+
+    \b
+    Examples:
+      spinctl cancel demo
+      spinctl resume demo        # continue from the last finished step
+    """
+    get_run(session, name)
+    session.objects.patch_namespaced_custom_object(G, V, session.namespace, P, name, {"spec": {"suspend": True}})
+    click.echo(f"spinrun/{name} cancelled: its Jobs are suspended, lineage is kept; `spinctl resume {name}` continues")
+
+
+@main.command()
+@cluster_options
+@NAME
+def resume(session: Session, name: str) -> None:
+    """Continue a cancelled run, or retry a failed one with a fresh restart budget.
+
+    \b
+    Examples:
+      spinctl resume demo
+    """
+    run = get_run(session, name)
+    annotations = run["metadata"].get("annotations") or {}
+    try:
+        grants = int(annotations.get(api.RESUME_ANNOTATION, "0")) + 1
+    except ValueError:
+        grants = 1
+    session.objects.patch_namespaced_custom_object(G, V, session.namespace, P, name, {
+        "metadata": {"annotations": {api.RESUME_ANNOTATION: str(grants)}}, "spec": {"suspend": False}})
+    click.echo(f"spinrun/{name} resumed from iteration {(run.get('status') or {}).get('iteration', 0)}")
+
+
+@main.command()
+@cluster_options
+@NAME
+@click.option("--wait", is_flag=True, help="return once the run and its Jobs are gone")
+def delete(session: Session, name: str, wait: bool) -> None:
+    """Delete a run and its Jobs (lineage, data and models in storage are kept).
+
+    \b
+    Examples:
+      spinctl delete demo --wait
+    """
+    run = get_run(session, name)
+    session.objects.delete_namespaced_custom_object(G, V, session.namespace, P, name,
+                                                    body={"propagationPolicy": "Foreground"})
+    if wait:
+        while True:
+            try:
+                get_run(session, name)
+            except click.ClickException:
+                break
+            time.sleep(0.5)
+    manifest = (run.get("status") or {}).get("manifest")
+    click.echo(f"spinrun/{name} deleted" + (f"; its lineage stays at {manifest}" if manifest else ""))
+
+
+def _manifest(session: Session, run: dict[str, Any]) -> dict[str, Any]:
+    """The run's lineage manifest, read with the run's storage settings and, where this user may read it,
+    its credentials Secret (else the standard AWS_* environment)."""
+    storage = run["spec"]["storage"]
+    prefix = naming.run_prefix(storage["uri"], run["metadata"]["namespace"], run["metadata"]["name"],
+                               run["metadata"]["uid"])
+    creds: dict[str, str] | None = None
+    if storage.get("credentialsSecret"):
+        try:
+            secret = session.core.read_namespaced_secret(storage["credentialsSecret"], session.namespace)
+            creds = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        except ApiException as e:
+            if e.status not in (403, 404):
+                raise
+    store = lineage.open_store(prefix, endpoint=storage.get("endpoint"), region=storage.get("region", "us-east-1"),
+                               credentials=creds)
+    got = store.get(lineage.MANIFEST_KEY)
+    if got is None:
+        raise click.ClickException(f"{run['metadata']['name']} has no lineage yet ({naming.manifest_uri(prefix)}): "
+                                   "the first step has not finished")
+    manifest: dict[str, Any] = json.loads(got[0])
+    return manifest
+
+
+@main.command(name="lineage")
+@cluster_options
+@output_option
+@NAME
+@click.option("--diff", nargs=2, type=int, metavar="A B", help="show the settings that differ between two iterations")
+def lineage_cmd(session: Session, fmt: str, name: str, diff: tuple[int, int] | None) -> None:
+    """Show a run's lineage: every recorded step with its Job, inputs, outputs and digests.
+
+    \b
+    Examples:
+      spinctl lineage demo
+      spinctl lineage demo -o json > lineage.json
+      spinctl lineage demo --diff 1 2       # what changed between iterations 1 and 2
+    """
+    manifest = _manifest(session, get_run(session, name))
+    if diff is not None:
+        a, b = diff
+        try:
+            changed = output.config_diff(manifest, a, b)
+        except KeyError as e:
+            raise click.ClickException(f"iteration {e.args[0]} of {name} is not in its lineage yet") from None
+        click.echo(output.diff_table(changed, a, b) if fmt == "table" else output.dump(changed, fmt))
+        return
+    click.echo(output.lineage_table(manifest) if fmt == "table" else output.dump(manifest, fmt))
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script (run names complete from the cluster).
+
+    \b
+    Examples:
+      source <(spinctl completion bash)
+      spinctl completion zsh > "${fpath[1]}/_spinctl"
+    """
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # the Choice above lists only shells click supports
+    click.echo(cls(main, {}, "spinctl", "_SPINCTL_COMPLETE").source())
