@@ -1,0 +1,177 @@
+"""spinctl against the real control plane and S3 server: a run started with ``spinctl start --wait`` is
+followed to the end, then inspected with list, status, logs and lineage; cancel, resume and delete drive
+another; unknown runs, missing permissions and failed runs end in one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+from kubernetes import client
+from test_controller import Controllers, crd  # noqa: F401 (crd is a fixture used by name)
+
+from spin_k8s.cli import main
+from spin_k8s.testing.cluster import Cluster, free_port, wait_until
+from spin_k8s.testing.s3 import S3Server
+from spin_k8s.workers import tiny
+
+pytestmark = [pytest.mark.cluster, pytest.mark.s3]
+
+
+@pytest.fixture(scope="module")
+def ns(api: client.ApiClient) -> Iterator[str]:
+    """One namespace for the module: the finished run is inspected by several tests."""
+    core = client.CoreV1Api(api)
+    name = f"cli-{secrets.token_hex(3)}"
+    core.create_namespace({"metadata": {"name": name}})
+    wait_until("the default ServiceAccount", lambda: core.list_namespaced_service_account(
+        name, field_selector="metadata.name=default").items, 30)
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.fixture(scope="module")
+def setup(cluster: Cluster, api: client.ApiClient, crd: None, ns: str, s3_server: S3Server,  # noqa: F811
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The controller watching ``ns``, an S3 bucket and Secret, and a tiny model: what `start` needs."""
+    bucket = f"cli-{secrets.token_hex(4)}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    client.CoreV1Api(api).create_namespaced_secret(ns, {"metadata": {"name": "s3"}, "stringData": {
+        "AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
+    assets = tiny.create(tmp_path_factory.mktemp("tiny"), rows=16, seed=0)
+    controllers = Controllers(cluster, ns, tmp_path_factory.mktemp("controller"))
+    controllers.start()
+    yield {"bucket": bucket, "model": f"file://{assets.model_dir}", "dataset": f"file://{assets.data_path}",
+           "endpoint": s3_server.endpoint}
+    controllers.stop()
+
+
+def spinctl(cluster: Cluster, ns: str, *args: str, kubeconfig: Path | None = None) -> Result:
+    return CliRunner().invoke(main, [*args, "--kubeconfig", str(kubeconfig or cluster.kubeconfig), "-n", ns],
+                              catch_exceptions=False)
+
+
+TINY = ("generation.shards=2", "generation.gpusPerShard=0", "generation.maxTokens=12", "training.gpusPerNode=0",
+        "training.zeroStage=0", "training.precision=fp32", "training.learningRate=1e-3", "training.epochs=1",
+        "training.perDeviceBatchSize=4", "training.maxLength=96", "training.maxPromptLength=48",
+        "training.gradientCheckpointing=false")
+
+
+def start_args(setup: dict[str, str], name: str, iterations: int) -> list[str]:
+    sets = [*TINY, f"training.port={free_port()}"]
+    return ["start", "--name", name, "--model", setup["model"], "--dataset", setup["dataset"],
+            "--iterations", str(iterations), "--storage", f"s3://{setup['bucket']}/spin", "--storage-secret", "s3",
+            "--storage-endpoint", setup["endpoint"], *[arg for s in sets for arg in ("--set", s)]]
+
+
+@pytest.fixture(scope="module")
+def finished(cluster: Cluster, ns: str, setup: dict[str, str]) -> Result:
+    """`spinctl start --wait` of a 2-iteration run whose second iteration lowers the learning rate."""
+    return spinctl(cluster, ns, *start_args(setup, "demo", 2), "--set", "iterationOverrides[0].iteration=1",
+                   "--set", "iterationOverrides[0].learningRate=5e-4", "--wait")
+
+
+def test_start_wait_follows_the_run_to_success(finished: Result) -> None:
+    assert finished.exit_code == 0, finished.output
+    lines = finished.output.splitlines()
+    assert lines[0] == "spinrun/demo created"
+    assert any("demo: iteration 1/2 Generating" in line for line in lines)
+    assert any("demo: iteration 2/2 Training" in line for line in lines)
+    assert lines[-1].startswith("demo succeeded: Completed; lineage: s3://")
+
+
+def test_list_and_status_show_iterations_jobs_and_metrics(cluster: Cluster, ns: str, finished: Result) -> None:
+    table = spinctl(cluster, ns, "list").output.splitlines()
+    assert table[0].split() == ["NAME", "ITERATION", "OF", "PHASE", "REASON", "AGE"]
+    assert table[1].split()[:5] == ["demo", "1", "2", "Succeeded", "Completed"]
+    assert [r["metadata"]["name"] for r in json.loads(spinctl(cluster, ns, "list", "-o", "json").output)] == ["demo"]
+
+    text = spinctl(cluster, ns, "status", "demo").output
+    assert "Phase:       Succeeded (Completed)" in text
+    for job in ("demo-i0-gen", "demo-i0-train", "demo-i1-gen", "demo-i1-train"):
+        assert job in text
+    status = yaml.safe_load(spinctl(cluster, ns, "status", "demo", "-o", "yaml").output)
+    assert [(j["name"], j["state"], j["succeeded"]) for j in status["jobs"]] == [
+        ("demo-i0-gen", "Complete", 2), ("demo-i0-train", "Complete", 1), ("demo-i1-gen", "Complete", 2),
+        ("demo-i1-train", "Complete", 1)]
+    assert all("loss" in i["metrics"] for i in status["run"]["status"]["iterations"])
+
+
+def test_logs_of_a_shard_and_of_the_trainer(cluster: Cluster, ns: str, finished: Result) -> None:
+    shard = spinctl(cluster, ns, "logs", "demo", "--iteration", "0", "--role", "gen", "--index", "1").output
+    events = [json.loads(line) for line in shard.splitlines() if line.startswith("{")]
+    assert {"event": "start", "shard": 1}.items() <= events[0].items()
+    assert events[-1]["event"] == "done"
+    last = spinctl(cluster, ns, "logs", "demo", "--tail", "1").output  # the run ended training iteration 1
+    assert len(last.splitlines()) == 1 and last == spinctl(cluster, ns, "logs", "demo", "--iteration", "1",
+                                                          "--role", "train", "--tail", "1").output
+    missing = spinctl(cluster, ns, "logs", "demo", "--index", "7")
+    assert missing.exit_code == 1
+    assert missing.output.strip() == "Error: no train pod with index 7 in iteration 1 of demo " \
+                                     "(not started yet, or its Job was removed)"
+
+
+def test_lineage_table_json_and_diff(cluster: Cluster, ns: str, finished: Result) -> None:
+    table = spinctl(cluster, ns, "lineage", "demo").output
+    assert "Code:     spin-k8s" in table
+    assert sum(1 for line in table.splitlines() if line.startswith(("0 ", "1 "))) == 4
+    manifest = json.loads(spinctl(cluster, ns, "lineage", "demo", "-o", "json").output)
+    assert sorted(manifest["iterations"]) == ["0", "1"]
+    assert all(len(s["sha256"]) == 64 for s in manifest["iterations"]["1"]["generate"]["shards"])
+    diff = json.loads(spinctl(cluster, ns, "lineage", "demo", "--diff", "0", "1", "-o", "json").output)
+    changed = {d["key"]: (d["0"], d["1"]) for d in diff}
+    assert changed["train.config.learningRate"] == (1e-3, 5e-4)
+    assert changed["train.model"][1].endswith("/i0/model") and "generate.config.temperature" not in changed
+    too_far = spinctl(cluster, ns, "lineage", "demo", "--diff", "0", "5")
+    assert too_far.output.strip() == "Error: iteration 5 of demo is not in its lineage yet"
+
+
+def test_cancel_resume_and_delete(cluster: Cluster, api: client.ApiClient, ns: str, setup: dict[str, str],
+                                  finished: Result) -> None:
+    batch = client.BatchV1Api(api)
+    assert spinctl(cluster, ns, *start_args(setup, "again", 1)).output.startswith("spinrun/again created")
+    wait_until("the generation Job", lambda: batch.list_namespaced_job(ns, label_selector="selfplay.dev/run=again")
+               .items, 60)
+    assert "cancelled" in spinctl(cluster, ns, "cancel", "again").output
+    wait_until("the run to be suspended", lambda: "Phase:       Suspended" in spinctl(cluster, ns, "status",
+                                                                                       "again").output, 60)
+    assert batch.read_namespaced_job("again-i0-gen", ns).spec.suspend is True
+    assert spinctl(cluster, ns, "resume", "again").output.startswith("spinrun/again resumed")
+    wait_until("the resumed run to finish", lambda: "Phase:       Succeeded" in spinctl(cluster, ns, "status",
+                                                                                         "again").output, 600)
+    deleted = spinctl(cluster, ns, "delete", "again", "--wait")
+    assert deleted.exit_code == 0 and "its lineage stays at s3://" in deleted.output
+    assert not batch.list_namespaced_job(ns, label_selector="selfplay.dev/run=again").items  # foreground delete
+    gone = spinctl(cluster, ns, "status", "again")
+    assert gone.exit_code == 1 and gone.output.strip() == f'Error: spinrun "again" not found in namespace "{ns}"'
+
+
+def test_a_failed_run_exits_non_zero_with_its_reason(cluster: Cluster, ns: str, setup: dict[str, str]) -> None:
+    args = start_args(setup, "broken", 1)
+    args[args.index("--dataset") + 1] = "file:///nonexistent/sft.jsonl"
+    result = spinctl(cluster, ns, *args, "--set", "restartLimit=0", "--wait", "--timeout", "300")
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1].startswith("Error: broken failed: GenerationFailed: broken-i0-gen failed")
+
+
+def test_missing_permission_is_one_line(cluster: Cluster, api: client.ApiClient, ns: str, tmp_path: Path) -> None:
+    core = client.CoreV1Api(api)
+    core.create_namespaced_service_account(ns, {"metadata": {"name": "nobody"}})
+    token = core.create_namespaced_service_account_token("nobody", ns, client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600))).status.token
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    kubeconfig = tmp_path / "nobody.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c", "clusters": admin["clusters"],
+        "users": [{"name": "nobody", "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": {"cluster": admin["clusters"][0]["name"], "user": "nobody"}}]}))
+    denied = spinctl(cluster, ns, "list", kubeconfig=kubeconfig)
+    assert denied.exit_code == 1
+    assert denied.output.strip() == (f'Error: spinruns.selfplay.dev is forbidden: User "system:serviceaccount:{ns}:'
+                                     f'nobody" cannot list resource "spinruns" in API group "selfplay.dev" in the '
+                                     f'namespace "{ns}"')
