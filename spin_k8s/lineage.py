@@ -6,6 +6,9 @@ step), updated by compare-and-swap on its ETag (``If-Match``). A writer that los
 404 where the object vanished) re-reads and retries. A crash between the step write and the manifest update
 replays harmlessly: the step record is found already there and the manifest catches up.
 
+:func:`step_outputs` reads what the workers of a finished step left (shard done records, ``metrics.json``)
+for the planner's record of that step; the controller and the local executor both read outputs through it.
+
 Stores: :class:`S3Store` (boto3 client given by the caller: each run has its own credentials) and
 :class:`FileStore` (local directory, same interface) for local runs and tests of pure logic.
 """
@@ -19,12 +22,17 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import spin_k8s
 from spin_k8s import naming, storage
+from spin_k8s.workers import data
+
+if TYPE_CHECKING:
+    from spin_k8s import api, planner
 
 _CAS_ATTEMPTS = 20
 
@@ -163,3 +171,32 @@ def record_step(store: Store, run: dict[str, Any], spec: dict[str, Any], iterati
         if store.put(MANIFEST_KEY, _dump(manifest), etag=etag):
             return
     raise RuntimeError(f"lineage manifest: lost the compare-and-swap race {_CAS_ATTEMPTS} times")
+
+
+def step_outputs(store: Store, run: api.SpinRun, prefix: str, jobs: Iterable[planner.JobView],
+                 steps: dict[tuple[int, str], dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any] | None]:
+    """What the workers of Complete, unrecorded steps left in storage (None where it is incomplete)."""
+    outputs: dict[tuple[int, str], dict[str, Any] | None] = {}
+    for j in jobs:
+        if j.state != "complete" or (j.iteration, j.role) in steps:
+            continue
+        if j.role == naming.GENERATE:
+            sub = f"i{j.iteration}/synthetic/"
+            records = []
+            for s in range(run.spec.generation.shards):
+                name = data.shard_name(s, run.spec.generation.shards)
+                got = store.get(f"{sub}{data.done_name(s, run.spec.generation.shards)}")
+                if got is None:
+                    break
+                rec = json.loads(got[0])
+                records.append({"uri": f"{naming.synthetic_uri(prefix, j.iteration)}/{name}",
+                                "sha256": rec["sha256"], "rows": rec["rows"], "engine": rec["engine"],
+                                "modelDigest": rec["model_digest"]})
+            complete = len(records) == run.spec.generation.shards
+            outputs[(j.iteration, j.role)] = {"shards": records} if complete else None
+        else:
+            got = store.get(f"i{j.iteration}/model/metrics.json")
+            metrics = json.loads(got[0]) if got else None
+            outputs[(j.iteration, j.role)] = (
+                {"metrics": metrics, "checkpointDigest": metrics.get("checkpoint_sha256")} if metrics else None)
+    return outputs

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import datetime
 import functools
-import json
 import logging
 import threading
 import time
@@ -21,7 +20,6 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from spin_k8s import api, lineage, naming, planner, storage
-from spin_k8s.workers import data
 
 log = logging.getLogger("spin_k8s.controller")
 
@@ -143,34 +141,6 @@ class Reconciler:
         return lineage.open_store(prefix, endpoint=run.spec.storage.endpoint, region=run.spec.storage.region,
                                   credentials=creds)
 
-    def _outputs(self, store: lineage.Store, run: api.SpinRun, prefix: str, jobs: list[planner.JobView],
-                 steps: dict[tuple[int, str], dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any] | None]:
-        """What the workers of Complete, unrecorded steps left in storage."""
-        outputs: dict[tuple[int, str], dict[str, Any] | None] = {}
-        for j in jobs:
-            if j.state != "complete" or (j.iteration, j.role) in steps:
-                continue
-            if j.role == naming.GENERATE:
-                sub = f"i{j.iteration}/synthetic/"
-                records = []
-                for s in range(run.spec.generation.shards):
-                    name = data.shard_name(s, run.spec.generation.shards)
-                    got = store.get(f"{sub}{data.done_name(s, run.spec.generation.shards)}")
-                    if got is None:
-                        break
-                    rec = json.loads(got[0])
-                    records.append({"uri": f"{naming.synthetic_uri(prefix, j.iteration)}/{name}",
-                                    "sha256": rec["sha256"], "rows": rec["rows"], "engine": rec["engine"],
-                                    "modelDigest": rec["model_digest"]})
-                complete = len(records) == run.spec.generation.shards
-                outputs[(j.iteration, j.role)] = {"shards": records} if complete else None
-            else:
-                got = store.get(f"i{j.iteration}/model/metrics.json")
-                metrics = json.loads(got[0]) if got else None
-                outputs[(j.iteration, j.role)] = (
-                    {"metrics": metrics, "checkpointDigest": metrics.get("checkpoint_sha256")} if metrics else None)
-        return outputs
-
     # -- the loop body -------------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str) -> bool:
         """Reconcile one run; True when something changed (the caller requeues soon)."""
@@ -188,7 +158,7 @@ class Reconciler:
         try:
             store = self._store(run)
             steps = lineage.load(store)
-            found = planner.Lineage(steps, self._outputs(store, run, prefix, jobs, steps))
+            found = planner.Lineage(steps, lineage.step_outputs(store, run, prefix, jobs, steps))
         except Exception as e:  # storage down or credentials wrong: say why, retry with backoff
             store = None
             found = planner.Lineage(error=f"{type(e).__name__}: {str(e)[:300]}")
