@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,6 +101,20 @@ def test_list_and_status_show_iterations_jobs_and_metrics(cluster: Cluster, ns: 
         ("demo-i0-gen", "Complete", 2), ("demo-i0-train", "Complete", 1), ("demo-i1-gen", "Complete", 2),
         ("demo-i1-train", "Complete", 1)]
     assert all("loss" in i["metrics"] for i in status["run"]["status"]["iterations"])
+
+
+def test_kubectl_finds_each_iterations_jobs_and_run_names_complete(cluster: Cluster, ns: str,
+                                                                  finished: Result) -> None:
+    from spin_k8s.testing import tools
+
+    out = subprocess.run([str(tools.kube_binary("kubectl")), f"--kubeconfig={cluster.kubeconfig}", "-n", ns, "get",
+                          "jobs", "-l", "selfplay.dev/run=demo,selfplay.dev/iteration=1", "-o", "name"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["job.batch/demo-i1-gen", "job.batch/demo-i1-train"]
+    words = f"spinctl status --kubeconfig {cluster.kubeconfig} -n {ns} de"
+    completed = CliRunner().invoke(main, [], prog_name="spinctl", env={
+        "_SPINCTL_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)})
+    assert completed.output.splitlines() == ["plain,demo"]
 
 
 def test_logs_of_a_shard_and_of_the_trainer(cluster: Cluster, ns: str, finished: Result) -> None:
