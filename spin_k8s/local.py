@@ -243,13 +243,18 @@ class Pod:
         """The end of a pod: SIGKILL to whatever of it is left."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        for pid in _marked(self.marker):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
         self.proc.wait()
-        deadline = time.monotonic() + STOP_GRACE_SECONDS  # SIGKILL is delivered asynchronously
-        while _marked(self.marker) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        kill_marked(self.marker)
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL every process carrying ``marker``, and wait until they are gone."""
+    for pid in _marked(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS  # SIGKILL is delivered asynchronously
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def stop_pods(pods: Sequence[Pod], grace: float = STOP_GRACE_SECONDS) -> None:
@@ -299,6 +304,9 @@ class LocalJob:
     def restored(cls, saved: Mapping[str, Any]) -> LocalJob:
         return cls(**saved)
 
+    def marker(self, index: int) -> str:
+        return f"{self.uid}/{index}"
+
     def view(self) -> planner.JobView:
         labels = self.body["metadata"]["labels"]
         return planner.JobView(
@@ -314,7 +322,7 @@ class LocalJob:
 
 
 class Executor:
-    """The Kubernetes side of one local run: its Jobs as process groups, the persisted object and status."""
+    """The Kubernetes side of one local run: its Jobs as local pods, the persisted object and status."""
 
     def __init__(self, workdir: Path, obj: dict[str, Any], emit: Callable[[str], None], nproc: int) -> None:
         self.workdir, self.obj, self.emit, self.nproc = workdir, obj, emit, nproc
@@ -382,7 +390,7 @@ class Executor:
             out.flush()
             self._offsets[log] = out.tell()  # progress from this start on, not an earlier session's lines
             try:
-                marker = f"{job.uid}/{index}"
+                marker = job.marker(index)
                 proc = subprocess.Popen(
                     argv, env={**os.environ, **cache, **env, POD_ENV: marker}, cwd=self.workdir, stdout=out,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -463,6 +471,9 @@ class Executor:
             stop_pods(pods)
         for job in self.jobs.values():
             job.pods.clear()  # interrupted, not failed: a later session starts these indexes again
+            if job.state == "active":  # an interrupt between a start and its bookkeeping leaves a pod untracked
+                for index in range(len(job.succeeded)):
+                    kill_marked(job.marker(index))
 
 
 # -- the loop ----------------------------------------------------------------------------------------------------
@@ -481,6 +492,8 @@ def prepare(obj: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
     filled.setdefault("metadata", {}).setdefault("namespace", "default")
     defaulted = api.load_defaulted(filled)
     errors = api.schema_errors(defaulted) + api.semantic_errors(defaulted)
+    if not defaulted["metadata"].get("name"):
+        errors.insert(0, "metadata.name: required")
     if not errors and defaulted["spec"].get("queueName"):
         errors = ["spec.queueName: Kueue admits Jobs on a cluster; the local executor runs without one"]
     if errors:
@@ -497,7 +510,7 @@ def _result(run: api.SpinRun, status: Mapping[str, Any]) -> Result:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
+def sigterm_interrupts() -> Iterator[None]:
     """SIGTERM stops a local run as Ctrl-C does (signal handlers can only be set from the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -522,31 +535,35 @@ def run(obj: dict[str, Any], workdir: Path, *, on_event: Callable[[str], None] |
     ``nproc``: CPU ranks per training node. Ctrl-C or SIGTERM stops every process of the run, then raises
     KeyboardInterrupt.
     """
+    if nproc < 1:
+        raise ValueError(f"nproc: must be at least 1 (got {nproc})")
     emit = on_event or (lambda line: None)
     defaulted = prepare(obj, workdir)
     ex = Executor(workdir, defaulted, emit, nproc)
     ex.load()
-    run = api.parse({**defaulted, "status": ex.status})
-    prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
+    spinrun = api.parse({**defaulted, "status": ex.status})
+    prefix = naming.run_prefix(spinrun.spec.storage.uri, spinrun.namespace, spinrun.name, spinrun.uid)
     # S3 credentials: this process's AWS_* environment (boto3's default chain), as the local workers get them.
-    store = lineage.open_store(prefix, endpoint=run.spec.storage.endpoint, region=run.spec.storage.region)
-    emit(f"{run.name}: uid {run.uid}, lineage {naming.manifest_uri(prefix)}, state {ex.path}")
-    with _sigterm_interrupts():
+    store = lineage.open_store(prefix, endpoint=spinrun.spec.storage.endpoint, region=spinrun.spec.storage.region)
+    identity = {"name": spinrun.name, "namespace": spinrun.namespace, "uid": spinrun.uid}  # as the controller's
+    emit(f"{spinrun.name}: uid {spinrun.uid}, lineage {naming.manifest_uri(prefix)}, state {ex.path}")
+    with sigterm_interrupts():
         try:
             while True:
-                ex.observe()
+                if ex.observe():
+                    ex.save()  # restart counts and verdicts outlive this process, as Job status does
                 ex.progress()
                 jobs = tuple(j.view() for j in ex.jobs.values())
                 try:
                     steps = lineage.load(store)
-                    found = planner.Lineage(steps, lineage.step_outputs(store, run, prefix, jobs, steps))
+                    found = planner.Lineage(steps, lineage.step_outputs(store, spinrun, prefix, jobs, steps))
                 except Exception as e:  # storage down: the status says why; the next pass retries
                     found = planner.Lineage(error=f"{type(e).__name__}: {str(e)[:300]}")
-                plan = planner.plan(run, planner.Observed(jobs, frozenset(ex.services)), found, _now())
+                plan = planner.plan(spinrun, planner.Observed(jobs, frozenset(ex.services)), found, _now())
                 for action in plan.actions:
                     if isinstance(action, planner.RecordStep):
-                        lineage.record_step(store, {"name": run.name, "namespace": run.namespace, "uid": run.uid},
-                                            defaulted["spec"], action.iteration, action.role, action.record)
+                        lineage.record_step(store, identity, defaulted["spec"], action.iteration, action.role,
+                                            action.record)
                         emit(f"recorded iteration {action.iteration} {action.role} in {naming.manifest_uri(prefix)}")
                     elif isinstance(action, planner.CreateJob):
                         ex.create(action.body)
@@ -559,10 +576,10 @@ def run(obj: dict[str, Any], workdir: Path, *, on_event: Callable[[str], None] |
                     ex.save()
                     for event in plan.events:
                         emit(f"{event.reason}: {event.message}")
-                run = api.parse({**defaulted, "status": ex.status})
+                spinrun = api.parse({**defaulted, "status": ex.status})
                 busy = any(j.pods for j in ex.jobs.values())
                 if plan.status["phase"] in (planner.SUCCEEDED, planner.FAILED, planner.SUSPENDED) and not busy:
-                    return _result(run, ex.status)
+                    return _result(spinrun, ex.status)
                 if not plan.actions:
                     time.sleep(POLL_SECONDS * (8 if found.error else 1))
         except BaseException:

@@ -122,7 +122,8 @@ import json, sys
 from pathlib import Path
 from spin_k8s import local
 try:
-    local.run(json.loads(sys.argv[1]), Path(sys.argv[2]), on_event=lambda line: print(line, flush=True))
+    local.run(json.loads(sys.argv[1]), Path(sys.argv[2]), on_event=lambda line: print(line, flush=True),
+              nproc=int(sys.argv[3]))
 except KeyboardInterrupt:
     sys.exit(130)
 """
@@ -131,8 +132,8 @@ except KeyboardInterrupt:
 class Child:
     """local.run() in a child process; its events read line by line."""
 
-    def __init__(self, obj: dict[str, Any], workdir: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(obj), str(workdir)],
+    def __init__(self, obj: dict[str, Any], workdir: Path, nproc: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(obj), str(workdir), str(nproc)],
                                      stdout=subprocess.PIPE, stderr=(workdir / "child.err").open("w"), text=True)
         self.seen: list[str] = []
 
@@ -165,21 +166,24 @@ def child_runs() -> Iterator[list[Child]]:
                 p.kill()
 
 
-def test_crash_restarts_the_gang_and_ctrl_c_resumes_without_redoing_steps(
+def test_node_crash_restarts_the_gang_and_ctrl_c_resumes_without_redoing_steps(
         tmp_path: Path, child_runs: list[Child]) -> None:
     assets = tiny.create(tmp_path / "tiny", rows=16, seed=0)
     obj = local_spin_run(assets, iterations=1, restartLimit=1)
-    obj["spec"]["training"].update(epochs=12, checkpointEverySteps=2)  # 24 steps: room to act mid-training
+    # Two nodes of one rank each: a real two-node gang on loopback. 24 steps: room to act mid-training.
+    obj["spec"]["training"].update(nodes=2, epochs=12, checkpointEverySteps=2)
     workdir = tmp_path / "work"
     workdir.mkdir()
-    child = Child(obj, workdir)
+    child = Child(obj, workdir, nproc=1)
     child_runs.append(child)
 
-    # A node of the gang dies after a checkpoint: the Job fails, the planner starts attempt r1.
+    # Node 1 of the gang dies after a checkpoint: the Job fails, node 0 is stopped, the planner starts r1.
     child.wait_for(lambda e: e.startswith("demo-i0-train[0] checkpoint after step"))
-    (torchrun,) = [p for p in child.processes() if "torch.distributed.run" in p.cmdline()]
-    torchrun.send_signal(signal.SIGKILL)
-    child.wait_for(lambda e: e.startswith("demo-i0-train[0] failed with exit code 137"))
+    (node1,) = [p for p in child.processes() if "torch.distributed.run" in p.cmdline() and "--node-rank=1" in
+                p.cmdline()]
+    node1.send_signal(signal.SIGKILL)
+    child.wait_for(lambda e: e.startswith("demo-i0-train[1] failed with exit code 137"))
+    assert child.wait_for(lambda e: e.startswith("demo-i0-train ")) == "demo-i0-train failed: BackoffLimitExceeded"
 
     # Ctrl-C while the restarted gang starts: every process of the run stops, none survives.
     child.wait_for(lambda e: e.startswith("demo-i0-train-r1[0] started"))
@@ -200,7 +204,7 @@ def test_crash_restarts_the_gang_and_ctrl_c_resumes_without_redoing_steps(
 
     # The same call again resumes: generation is not rerun, r1 goes on from the checkpoint, as r1.
     events: list[str] = []
-    result = local.run(obj, workdir, on_event=events.append)
+    result = local.run(obj, workdir, on_event=events.append, nproc=1)
     assert result.phase == "Succeeded", (result, events)
     assert result.prefix == prefix
     assert {p: (p.stat().st_mtime_ns, storage.sha256_file(p)) for p in shards} == before
@@ -212,6 +216,7 @@ def test_crash_restarts_the_gang_and_ctrl_c_resumes_without_redoing_steps(
     assert sorted(p.name for p in (local_path(prefix) / "steps").iterdir()) == ["i0-generate.json", "i0-train.json"]
     assert (steps[(0, naming.TRAIN)]["job"], steps[(0, naming.TRAIN)]["restarts"]) == ("demo-i0-train-r1", 1)
     assert result.status["iterations"][0]["restarts"] == 1
+    assert steps[(0, naming.TRAIN)]["metrics"]["world_size"] == 2  # nodes x nproc
     resumed = (workdir / "logs" / "demo-i0-train-r1-0.log").read_text().split("--- ")[-1]  # the last start
     assert '"event":"resume"' in resumed and '"event":"saved"' in resumed
     assert any(e.startswith("demo-i0-train-r1[0] resumed from checkpoint") for e in events)

@@ -106,6 +106,8 @@ def test_prepare_defaults_storage_and_reports_every_bad_field(tmp_path: Path) ->
         local.prepare(bad, tmp_path)
     assert str(err.value).splitlines() == ["spec.iterations: 0 is less than the minimum of 1",
                                            "spec.training.maxPromptLength: must be below spec.training.maxLength"]
+    with pytest.raises(ValueError, match=r"^metadata.name: required$"):
+        local.prepare({**OBJ, "metadata": {}}, tmp_path)
     with pytest.raises(ValueError, match="queueName"):
         local.prepare({**OBJ, "spec": {**OBJ["spec"], "queueName": "q"}}, tmp_path)
 
@@ -134,3 +136,10 @@ def test_stopping_a_pod_leaves_none_of_its_processes(tmp_path: Path) -> None:
     local.stop_pods([pod], grace=0.5)
     assert not pod.running() and local._marked("uid/0") == []
     assert proc.returncode == -signal.SIGTERM  # the main process got the kubelet's SIGTERM first
+
+
+def test_sigterm_interrupts_like_ctrl_c() -> None:
+    with pytest.raises(KeyboardInterrupt), local.sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
