@@ -37,6 +37,7 @@ def test_report_has_every_iteration_with_metrics_and_scores(demo: tuple[Path, di
         assert all(math.isfinite(point[k]) for k in experiment.PAPER_METRICS)
         assert point["rewards/margins"] == pytest.approx(point["rewards/real"] - point["rewards/generated"])
         assert 0 <= point["rewards/accuracies"] <= 1
+        assert 0 <= point["opponent_correct"] <= 1
         # the scored model is the one the run's iteration t trained
         assert point["model"] == storage.parse(naming.model_uri(seed["prefix"], t)).key
         # equal training compute: continued SFT forwarded as many sequences in as many steps

@@ -29,7 +29,7 @@ from typing import Any
 
 from spin_k8s import lineage, local, naming, planner, storage
 from spin_k8s.demo import evaluate, report, sft, task
-from spin_k8s.workers import tiny
+from spin_k8s.workers import data, tiny
 
 Emit = Callable[[str], None]
 PAPER_METRICS = ("loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies")
@@ -64,7 +64,9 @@ class DemoSettings:
     iterations: int
     nproc: int = 2  # training ranks (torchrun processes) of each SPIN iteration
     eval_train_rows: int = 256  # training problems scored per model (the first ones of the split)
-    threads: int = 2  # torch threads of this process (SFT and evaluation); the workers use one per rank
+    # torch threads of this process (SFT and evaluation), one like each worker rank: on 2 cores shared with other
+    # work, 2 threads ran the continued-SFT loop 10x slower than 1 (OpenMP threads spinning for a busy core).
+    threads: int = 1
 
 
 def default_settings(iterations: int = 3, quick: bool = False, spin: SpinSettings | None = None) -> DemoSettings:
@@ -112,6 +114,14 @@ def last_epoch_means(metrics: dict[str, Any], epochs: int) -> dict[str, float]:
     return {k: sum(float(h[k]) for h in tail) / len(tail) for k in PAPER_METRICS}
 
 
+def opponent_correct(synthetic_uri: str, problems: Sequence[task.Problem]) -> float:
+    """Share of an iteration's synthetic answers (the opponent's samples) that are correct. Such a pair's two
+    responses are the same tokens, so it gives SPIN no gradient: a ceiling on the reward accuracy."""
+    by_prompt = {p.prompt: p for p in problems}
+    rows = data.load_synthetic(synthetic_uri).rows
+    return sum(task.judge(by_prompt[row.prompt], row.generated) is task.Verdict.CORRECT for row, _ in rows) / len(rows)
+
+
 def _score(model_dir: Path, problems: Sequence[task.Problem], s: DemoSettings) -> evaluate.Score:
     return evaluate.evaluate(model_dir, problems, s.sft.max_prompt_length, s.spin.max_tokens)
 
@@ -129,6 +139,7 @@ def run_seed(out: Path, seed: int, s: DemoSettings, emit: Emit) -> dict[str, Any
     def say(line: str) -> None:
         emit(f"[seed {seed}] {line}")
 
+    seed_began = time.monotonic()
     split = task.split(s.task, seed)
     dataset = task.write_jsonl(out / "train.jsonl", split.train)
     pairs = [(p.prompt, p.response) for p in split.train]
@@ -159,9 +170,11 @@ def run_seed(out: Path, seed: int, s: DemoSettings, emit: Emit) -> dict[str, Any
         point.update(last_epoch_means(metrics, s.spin.epochs), steps=int(metrics["steps"]),
                      sequences=2 * int(metrics["steps"]) * int(metrics["global_batch"]),
                      tokens=int(sum(h["tokens"] for h in history)), train_seconds=sum(h["seconds"] for h in history))
+        point["opponent_correct"] = opponent_correct(naming.synthetic_uri(result.prefix, t), split.train)
         spin_points.append(point)
         say(f"SPIN iteration {t}: held-out {point['heldout']:.1%}, training problems {point['train']:.1%}, "
-            f"margin {point['rewards/margins']:+.3f}, reward accuracy {point['rewards/accuracies']:.2f}")
+            f"margin {point['rewards/margins']:+.3f}, reward accuracy {point['rewards/accuracies']:.2f}, "
+            f"opponent samples correct {point['opponent_correct']:.1%}")
 
         # Continued SFT for the same compute: SPIN's steps, and a batch of as many (human) sequences as
         # SPIN's step forwarded (its pairs' real and generated responses).
@@ -176,7 +189,8 @@ def run_seed(out: Path, seed: int, s: DemoSettings, emit: Emit) -> dict[str, Any
         say(f"continued SFT {t}: held-out {baseline['heldout']:.1%}, training problems {baseline['train']:.1%} "
             f"({done.steps} steps x {config.batch_size} sequences)")
     return {"seed": seed, "spin": spin_points, "sft": sft_points, "prefix": result.prefix,
-            "manifest": result.manifest, "spin_seconds": spin_seconds, "initial_sft": asdict(first)}
+            "manifest": result.manifest, "spin_seconds": spin_seconds, "initial_sft": asdict(first),
+            "seconds": time.monotonic() - seed_began}
 
 
 def run_demo(out: Path, seeds: Sequence[int], iterations: int, quick: bool, on_event: Emit,

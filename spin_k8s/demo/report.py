@@ -97,19 +97,24 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += ["", f"## Seed {r['seed']}", "",
                   "| iteration | SPIN held-out | SPIN train problems | continued SFT held-out "
                   "| continued SFT train problems | loss | rewards/real | rewards/generated | rewards/margins "
-                  "| rewards/accuracies | steps | sequences |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| rewards/accuracies | opponent samples correct | steps | sequences |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for spin, sft in zip(r["spin"], r["sft"], strict=True):
             rewards = " | ".join(f"{spin[k]:.4f}" if k in spin else "-" for k in REWARDS)
+            sampled = _pct(spin["opponent_correct"]) if "opponent_correct" in spin else "-"
             lines.append(f"| {spin['iteration']} | {_pct(spin['heldout'])} | {_pct(spin['train'])} "
-                         f"| {_pct(sft['heldout'])} | {_pct(sft['train'])} | {rewards} | {spin.get('steps', '-')} "
-                         f"| {spin.get('sequences', '-')} |")
-        lines += ["", f"Lineage: `{r['manifest']}`", "", "Held-out answers of the last SPIN model:", ""]
+                         f"| {_pct(sft['heldout'])} | {_pct(sft['train'])} | {rewards} | {sampled} "
+                         f"| {spin.get('steps', '-')} | {spin.get('sequences', '-')} |")
+        lines += ["", f"{r['seconds']:.0f} s for this seed, {r['spin_seconds']:.0f} s of them in the SPIN run. "
+                  f"Lineage: `{r['manifest']}`", "", "Held-out answers of the last SPIN model:", ""]
         lines += [f"- `{prompt}` -> `{answer}` ({verdict})" for prompt, answer, verdict in r["spin"][-1]["samples"]]
     m = doc["machine"]
     lines += ["", "## Compute and machine", "",
               "SPIN metrics are the means over each iteration's last epoch of training steps (lineage train "
-              "record). Continued SFT runs, per SPIN iteration, SPIN's number of optimizer steps with as many "
+              "record). *Opponent samples correct*: the share of the iteration's newest synthetic answers (sampled "
+              "by the model it starts from) that are right; those pairs hold the same response twice, give no "
+              "gradient and count as not accurate, so they cap the reward accuracy. Continued SFT runs, per SPIN "
+              "iteration, SPIN's number of optimizer steps with as many "
               "human sequences per step as SPIN's step forwarded (real + generated), so both arms train on the "
               "same number of sequences; SPIN's generation is extra compute, not charged to it.", "",
               f"Total {doc['seconds']:.0f} s on {m['cpus']} CPU(s); load average (1, 5, 15 min) before "
@@ -124,6 +129,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     colors = {"spin": "tab:blue", "sft": "tab:orange"}
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
@@ -142,6 +148,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
                     marker="o", label=f"{ARM_NAMES[arm]} (mean of {len(doc['seeds'])})")
         ax.set_title(title)
         ax.set_xlabel("iteration (0 = SFT model)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("SPIN vs continued SFT on small-integer arithmetic (thin: seeds, thick: mean)")
