@@ -547,6 +547,7 @@ def run(obj: dict[str, Any], workdir: Path, *, on_event: Callable[[str], None] |
     store = lineage.open_store(prefix, endpoint=spinrun.spec.storage.endpoint, region=spinrun.spec.storage.region)
     identity = {"name": spinrun.name, "namespace": spinrun.namespace, "uid": spinrun.uid}  # as the controller's
     emit(f"{spinrun.name}: uid {spinrun.uid}, lineage {naming.manifest_uri(prefix)}, state {ex.path}")
+    storage_error: str | None = None
     with sigterm_interrupts():
         try:
             while True:
@@ -559,6 +560,9 @@ def run(obj: dict[str, Any], workdir: Path, *, on_event: Callable[[str], None] |
                     found = planner.Lineage(steps, lineage.step_outputs(store, spinrun, prefix, jobs, steps))
                 except Exception as e:  # storage down: the status says why; the next pass retries
                     found = planner.Lineage(error=f"{type(e).__name__}: {str(e)[:300]}")
+                if found.error != storage_error:  # say so once when storage goes away and once when it is back
+                    emit(f"storage unavailable, retrying: {found.error}" if found.error else "storage reachable again")
+                    storage_error = found.error
                 plan = planner.plan(spinrun, planner.Observed(jobs, frozenset(ex.services)), found, _now())
                 for action in plan.actions:
                     if isinstance(action, planner.RecordStep):

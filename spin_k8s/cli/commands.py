@@ -151,7 +151,11 @@ def _start_local(obj: dict[str, Any], workdir: Path) -> None:
     try:
         result = local.run(obj, workdir, on_event=click.echo)
     except ValueError as e:
-        raise click.ClickException(str(e).replace("\n", "; ")) from None
+        problems = str(e).replace("\n", "; ")
+        raise click.ClickException(f"invalid SpinRun {obj['metadata']['name']}: {problems}") from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: every process of the run stopped; the same command resumes it", err=True)
+        raise SystemExit(130) from None
     click.echo(f"{obj['metadata']['name']}: {result.phase} ({result.reason}); lineage: {result.manifest}")
     if result.phase != planner.SUCCEEDED:
         raise click.ClickException(f"{obj['metadata']['name']} {result.phase.lower()}: {result.message}")
@@ -206,20 +210,41 @@ def list_runs(session: Session, fmt: str, all_namespaces: bool) -> None:
         click.echo(output.runs_table(items, _now(), all_namespaces))
 
 
+LOCAL = click.option("--local", "local_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                     help="a run started with `spinctl start --local DIR` (no cluster involved)")
+
+
+def _local_run(workdir: Path, name: str) -> dict[str, Any]:
+    """A local run's SpinRun object with the status the local executor last wrote."""
+    from spin_k8s import local
+
+    try:
+        saved = json.loads(local.run_file(workdir, name).read_text())
+    except FileNotFoundError:
+        raise click.ClickException(f"no local run {name!r} in {workdir}") from None
+    run: dict[str, Any] = {**saved["object"], "status": saved["status"]}
+    return run
+
+
 @main.command()
 @cluster_options
 @output_option
 @NAME
-def status(session: Session, fmt: str, name: str) -> None:
+@LOCAL
+def status(session: Session, fmt: str, name: str, local_dir: Path | None) -> None:
     """Show a run: phase, each iteration's Jobs, restarts and metrics, conditions.
 
     \b
     Examples:
       spinctl status demo
       spinctl status demo -o json | jq '.run.status.iterations'
+      spinctl status demo --local ./runs/demo
     """
-    run = get_run(session, name)
-    jobs = run_jobs(session, run)
+    if local_dir is not None:
+        run, jobs = _local_run(local_dir, name), []
+    else:
+        run = get_run(session, name)
+        jobs = run_jobs(session, run)
     if fmt == "table":
         click.echo(output.run_status(run, jobs, _now()))
     else:
@@ -332,14 +357,14 @@ def delete(session: Session, name: str, wait: bool) -> None:
     click.echo(f"spinrun/{name} deleted" + (f"; its lineage stays at {manifest}" if manifest else ""))
 
 
-def _manifest(session: Session, run: dict[str, Any]) -> dict[str, Any]:
+def _manifest(session: Session | None, run: dict[str, Any]) -> dict[str, Any]:
     """The run's lineage manifest, read with the run's storage settings and, where this user may read it,
-    its credentials Secret (else the standard AWS_* environment)."""
+    its credentials Secret (else the standard AWS_* environment). ``session`` None: a local run."""
     storage = run["spec"]["storage"]
     prefix = naming.run_prefix(storage["uri"], run["metadata"]["namespace"], run["metadata"]["name"],
                                run["metadata"]["uid"])
     creds: dict[str, str] | None = None
-    if storage.get("credentialsSecret"):
+    if storage.get("credentialsSecret") and session is not None:
         try:
             secret = session.core.read_namespaced_secret(storage["credentialsSecret"], session.namespace)
             creds = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
@@ -361,7 +386,8 @@ def _manifest(session: Session, run: dict[str, Any]) -> dict[str, Any]:
 @output_option
 @NAME
 @click.option("--diff", nargs=2, type=int, metavar="A B", help="show the settings that differ between two iterations")
-def lineage_cmd(session: Session, fmt: str, name: str, diff: tuple[int, int] | None) -> None:
+@LOCAL
+def lineage_cmd(session: Session, fmt: str, name: str, diff: tuple[int, int] | None, local_dir: Path | None) -> None:
     """Show a run's lineage: every recorded step with its Job, inputs, outputs and digests.
 
     \b
@@ -369,8 +395,10 @@ def lineage_cmd(session: Session, fmt: str, name: str, diff: tuple[int, int] | N
       spinctl lineage demo
       spinctl lineage demo -o json > lineage.json
       spinctl lineage demo --diff 1 2       # what changed between iterations 1 and 2
+      spinctl lineage demo --local ./runs/demo
     """
-    manifest = _manifest(session, get_run(session, name))
+    manifest = (_manifest(None, _local_run(local_dir, name)) if local_dir is not None
+                else _manifest(session, get_run(session, name)))
     if diff is not None:
         a, b = diff
         try:

@@ -82,8 +82,9 @@ def run_status(run: dict[str, Any], jobs: list[dict[str, Any]], now: datetime.da
         f"Model:       {spec.get('model')}",
         f"Dataset:     {spec.get('dataset')}",
         f"Manifest:    {status.get('manifest', '')}",
-        f"Age:         {age(meta.get('creationTimestamp'), now)}",
     ]
+    if meta.get("creationTimestamp"):  # a local run has none
+        lines.append(f"Age:         {age(meta['creationTimestamp'], now)}")
     if message:
         lines.append(f"Message:     {message}")
     if spec.get("suspend"):
@@ -98,10 +99,11 @@ def run_status(run: dict[str, Any], jobs: list[dict[str, Any]], now: datetime.da
                      it.get("checkpoint")])
     lines += ["", "Iterations:", table(["iteration", "generate job", "train job", "restarts", "loss", "accuracy",
                                         "margin", "checkpoint"], rows)]
-    job_rows = [[j["name"], j["role"], j["iteration"], j["attempt"], j["state"],
-                 f"{j['succeeded']}/{j['completions']}", j["failed"], age(j["created"], now)] for j in jobs]
-    lines += ["", "Jobs:", table(["name", "role", "iteration", "attempt", "state", "done", "failed pods", "age"],
-                                 job_rows)]
+    if jobs:
+        job_rows = [[j["name"], j["role"], j["iteration"], j["attempt"], j["state"],
+                     f"{j['succeeded']}/{j['completions']}", j["failed"], age(j["created"], now)] for j in jobs]
+        lines += ["", "Jobs:", table(["name", "role", "iteration", "attempt", "state", "done", "failed pods", "age"],
+                                     job_rows)]
     lines += ["", "Conditions:", table(["type", "status", "reason", "since"],
                                        [[c["type"], c["status"], c.get("reason"), c.get("lastTransitionTime")]
                                         for c in cond.values()])]

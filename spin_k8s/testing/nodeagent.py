@@ -45,6 +45,7 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
+from spin_k8s import local
 from spin_k8s.testing import podlogs
 
 log = logging.getLogger("spin_k8s.nodeagent")
@@ -61,17 +62,6 @@ _POD_NETWORK = ipaddress.ip_network("10.244.0.0/16")
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
-
-
-def _expand(value: str, env: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion: a defined variable is replaced, $$ escapes, anything else stays."""
-
-    def repl(m: re.Match[str]) -> str:
-        if m.group(0).startswith("$$"):
-            return m.group(0)[1:]
-        return env.get(m.group(1), m.group(0))
-
-    return re.sub(r"\$\$\([A-Za-z_][A-Za-z0-9_.-]*\)|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", repl, value)
 
 
 class HostsFile:
@@ -175,7 +165,7 @@ class PodRunner(threading.Thread):
             env.update({(source.prefix or "") + k: v for k, v in values.items()})
         for var in container.env or []:
             if var.value_from is None:
-                env[var.name] = _expand(var.value or "", env)
+                env[var.name] = local.expand(var.value or "", env)
                 continue
             vf = var.value_from
             if vf.field_ref is not None:
@@ -197,7 +187,7 @@ class PodRunner(threading.Thread):
         if not container.command:
             return None
         env = self._env(container)
-        argv = [_expand(a, env) for a in list(container.command) + list(container.args or [])]
+        argv = [local.expand(a, env) for a in list(container.command) + list(container.args or [])]
         if self.agent.isolate:
             hostname = self.pod.spec.hostname or self.pod.metadata.name
             wrapper = 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"'
