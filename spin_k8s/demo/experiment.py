@@ -198,12 +198,15 @@ def run_demo(out: Path, seeds: Sequence[int], iterations: int, quick: bool, on_e
     """Runs the demo for ``seeds`` into ``out`` (which must be new or empty) and returns the report, which is
     also written to ``out/report.json``, ``out/report.md`` and ``out/demo.png``."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     if out.exists() and any(out.iterdir()):
         raise DemoError(f"{out} is not empty: give the demo a new directory")
     out.mkdir(parents=True, exist_ok=True)
     s = default_settings(iterations, quick, spin)
     torch.set_num_threads(s.threads)
+    # A progress bar per model load and save would bury the demo's own progress lines.
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     load_before = os.getloadavg()
     began = time.monotonic()
     results = [run_seed(out / f"seed-{seed}", seed, s, on_event) for seed in seeds]
