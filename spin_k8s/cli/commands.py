@@ -410,6 +410,23 @@ def lineage_cmd(session: Session, fmt: str, name: str, diff: tuple[int, int] | N
     click.echo(output.lineage_table(manifest) if fmt == "table" else output.dump(manifest, fmt))
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []}, add_help_option=False)
+@click.pass_context
+def demo(ctx: click.Context) -> None:
+    """SPIN on a tiny arithmetic model on this machine, against continued SFT (`spinctl demo --help`).
+
+    \b
+    Examples:
+      spinctl demo --out /tmp/spin-demo                 # about 4 minutes on 2 cores
+      spinctl demo --out /tmp/spin-cmp --seeds 0,1,2    # the comparison over 3 seeds
+    """
+    from spin_k8s.demo import __main__ as demo_main
+
+    # The demo owns its options (python -m spin_k8s.demo takes the same); spinctl only passes them on.
+    ctx.exit(demo_main.main(ctx.args or ["--help"], prog="spinctl demo"))
+
+
 @main.command()
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
 def completion(shell: str) -> None:

@@ -23,19 +23,19 @@ def seeds(value: str) -> list[int]:
     return out
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m spin_k8s.demo") -> argparse.ArgumentParser:
     spin = experiment.SpinSettings()  # the defaults shown in the help
     p = argparse.ArgumentParser(
-        prog="python -m spin_k8s.demo",
+        prog=prog,
         description="Show SPIN working (or not) on small-integer arithmetic, on this machine: a weak SFT model, "
                     "SPIN iterations through the local executor, and continued SFT for the same training compute, "
                     "each model scored by exact match on held-out problems.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m spin_k8s.demo --out /tmp/spin-demo                  # 1 seed, 3 iterations\n"
-               "  python -m spin_k8s.demo --out /tmp/spin-cmp --seeds 0,1,2     # the comparison over 3 seeds\n"
-               "  python -m spin_k8s.demo --out /tmp/spin-quick --quick --iterations 1\n"
-               "  python -m spin_k8s.demo --out /tmp/spin-tune --learning-rate 3e-5 --beta 0.1\n"
+               f"  {prog} --out /tmp/spin-demo                  # 1 seed, 3 iterations\n"
+               f"  {prog} --out /tmp/spin-cmp --seeds 0,1,2     # the comparison over 3 seeds\n"
+               f"  {prog} --out /tmp/spin-quick --quick --iterations 1\n"
+               f"  {prog} --out /tmp/spin-tune --learning-rate 3e-5 --beta 0.1\n"
                "writes OUT/report.md, OUT/report.json and OUT/demo.png",
     )
     a = p.add_argument
@@ -55,10 +55,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m spin_k8s.demo") -> int:
+    args = parser(prog).parse_args(argv)
     if args.iterations < 1 or (args.epochs is not None and args.epochs < 1):
-        parser().error("--iterations and --epochs must be >= 1")
+        parser(prog).error("--iterations and --epochs must be >= 1")
     given = {"learning_rate": args.learning_rate, "beta": args.beta, "epochs": args.epochs,
              "temperature": args.temperature}
     default = experiment.default_settings(args.iterations, args.quick).spin

@@ -150,3 +150,11 @@ def test_progress_line_names_the_current_job() -> None:
     jobs = [{"iteration": 2, "role": "train", "attempt": a, "succeeded": s, "completions": 2}
             for a, s in ((0, 0), (1, 1))]
     assert output.progress_line(run, jobs) == "demo: iteration 3/4 Training, nodes done 1/2, restart 1"
+
+
+def test_demo_passes_its_arguments_to_the_demo(tmp_path: Path) -> None:
+    (tmp_path / "old.txt").write_text("keep me")
+    used = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)])
+    assert used.exit_code == 1 and "is not empty: give the demo a new directory" in used.output
+    assert (tmp_path / "old.txt").read_text() == "keep me"
+    assert "spinctl demo --out /tmp/spin-demo" in CliRunner().invoke(main, ["demo", "--help"]).output
