@@ -94,7 +94,8 @@ def test_container_logs_are_served_through_the_apiserver(cluster: Cluster, api: 
     container = {"name": "main", "image": "busybox", "command": ["sh", "-c", command]}
     core.create_namespaced_pod(namespace, {"metadata": {"name": "talk"},
                                            "spec": {"restartPolicy": "Never", "containers": [container]}})
-    wait_until("the first lines", lambda: "line 3" in core.read_namespaced_pod_log("talk", namespace), 60)
+    wait_until("the first lines", lambda: "line 3" in (core.read_namespaced_pod_log("talk", namespace) or ""),
+               60)  # the client gives None for an empty log
     assert core.read_namespaced_pod_log("talk", namespace, tail_lines=2) == "line 2\nline 3\n"
     follow = subprocess.Popen([str(tools.kube_binary("kubectl")), f"--kubeconfig={cluster.kubeconfig}", "-n",
                                namespace, "logs", "-f", "talk"], stdout=subprocess.PIPE, text=True)

@@ -292,7 +292,7 @@ def logs(session: Session, name: str, iteration: int | None, role: str | None, i
         return
     text = session.core.read_namespaced_pod_log(pod.metadata.name, session.namespace, container=chosen,
                                                 tail_lines=tail)
-    click.echo(text, nl=False)
+    click.echo(text or "", nl=False)  # the client gives None for an empty log
 
 
 @main.command()
