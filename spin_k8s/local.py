@@ -593,10 +593,17 @@ def run(obj: dict[str, Any], workdir: Path, *, on_event: Callable[[str], None] |
             raise
 
 
-def status(workdir: Path, name: str) -> Result | None:
-    """The last status a local run wrote in ``workdir``; None when it never ran there."""
+def saved_run(workdir: Path, name: str) -> dict[str, Any] | None:
+    """A local run's SpinRun object with the status it last wrote in ``workdir``; None when it never ran there."""
     try:
         saved = json.loads(run_file(workdir, name).read_text())
     except FileNotFoundError:
         return None
-    return _result(api.parse({**saved["object"], "status": saved["status"]}), saved["status"])
+    obj: dict[str, Any] = {**saved["object"], "status": saved["status"]}
+    return obj
+
+
+def status(workdir: Path, name: str) -> Result | None:
+    """The last status a local run wrote in ``workdir``; None when it never ran there."""
+    obj = saved_run(workdir, name)
+    return None if obj is None else _result(api.parse(obj), obj["status"])

@@ -218,11 +218,9 @@ def _local_run(workdir: Path, name: str) -> dict[str, Any]:
     """A local run's SpinRun object with the status the local executor last wrote."""
     from spin_k8s import local
 
-    try:
-        saved = json.loads(local.run_file(workdir, name).read_text())
-    except FileNotFoundError:
-        raise click.ClickException(f"no local run {name!r} in {workdir}") from None
-    run: dict[str, Any] = {**saved["object"], "status": saved["status"]}
+    run = local.saved_run(workdir, name)
+    if run is None:
+        raise click.ClickException(f"no local run {name!r} in {workdir}")
     return run
 
 

@@ -76,9 +76,6 @@ class Session:
     def core(self) -> client.CoreV1Api:
         return client.CoreV1Api(self.api)
 
-    @property
-    def server(self) -> str:
-        return str(self.api.configuration.host)
 
 
 def cluster_options(f: F) -> F:
@@ -106,7 +103,7 @@ def output_option(f: F) -> F:
                         help="output format")(f)
 
 
-def api_error(e: ApiException, session: Session | None = None) -> str:
+def api_error(e: ApiException) -> str:
     """One line from an API error: the server's own message, with a hint where it helps."""
     try:
         body = json.loads(e.body or "{}")
