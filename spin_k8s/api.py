@@ -80,11 +80,23 @@ def schema_errors(obj: dict[str, Any]) -> list[str]:
     """Offline schema validation, one ``field.path: message`` line per error (CEL rules excepted: they are
     mirrored in :func:`semantic_errors`)."""
     validator = jsonschema.Draft4Validator(schema())
-    errors = []
+    errors: dict[str, None] = {}  # ordered, without repeats: one "required" error per object names them all
     for err in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path))):
-        path = ".".join(str(p) for p in err.absolute_path) or "<root>"
-        errors.append(f"{path}: {err.message}")
-    return errors
+        path = list(err.absolute_path)
+        if err.validator == "required":  # name each missing field itself, as the API server does
+            for missing in sorted(set(err.validator_value) - set(err.instance)):
+                errors[f"{field_path([*path, missing])}: Required value"] = None
+        else:
+            errors[f"{field_path(path)}: {err.message}"] = None
+    return list(errors)
+
+
+def field_path(parts: list[Any]) -> str:
+    """``spec.iterationOverrides[0].iteration``: a path written as the API server writes it."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text or "<root>"
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,7 @@ class Generation:
     top_p: float
     max_tokens: int
     score_reference: bool
+    engine: str  # "vllm" (production, the default) or "transformers" (slow: CPU tests and debugging)
 
 
 @dataclass(frozen=True)
@@ -190,7 +203,7 @@ def _spec(raw: dict[str, Any], defaults: Images) -> Spec:
                         storage.get("region", "us-east-1")),
         keep_previous=d["keepPreviousIterations"],
         generation=Generation(g["shards"], g["gpusPerShard"], float(g["temperature"]), float(g["topP"]),
-                              g["maxTokens"], g["scoreReference"]),
+                              g["maxTokens"], g["scoreReference"], g["engine"]),
         training=Training(
             t["nodes"], t["gpusPerNode"], t["zeroStage"], t["precision"], t["optimizer"], float(t["learningRate"]),
             float(t["beta"]), t["lossType"], t["epochs"], t["perDeviceBatchSize"], t["gradientAccumulationSteps"],

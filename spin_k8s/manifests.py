@@ -87,6 +87,7 @@ def generate_command(run: api.SpinRun, prefix: str, iteration: int) -> list[str]
         "--run-name", run.name, "--iteration", str(iteration),
         "--temperature", repr(g.temperature), "--top-p", repr(g.top_p), "--max-tokens", str(g.max_tokens),
         "--max-prompt-length", str(t.max_prompt_length), "--max-length", str(t.max_length),
+        "--engine", g.engine,
     ]
     if g.score_reference:
         command.append("--score-reference")

