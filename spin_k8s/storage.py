@@ -230,13 +230,13 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def digest_dir(local: str | Path, suffixes: tuple[str, ...] = ()) -> str:
+def digest_dir(local: str | Path, suffixes: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> str:
     """One sha256 over a directory's files (relative names and contents), optionally only those whose
-    names end with one of ``suffixes``: the identity of a model checkpoint."""
+    names end with one of ``suffixes`` and never those named in ``exclude``: the identity of a model checkpoint."""
     root = Path(local)
     h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        if suffixes and not path.name.endswith(suffixes):
+        if (suffixes and not path.name.endswith(suffixes)) or path.name in exclude:
             continue
         h.update(f"{path.relative_to(root)}\0{sha256_file(path)}\n".encode())
     return h.hexdigest()

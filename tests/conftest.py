@@ -1,5 +1,6 @@
-"""Session fixtures: the real test control plane and S3 server, started once, stopped at the end;
-a fresh namespace and a fresh bucket per test."""
+"""Session fixtures: the real test control plane and S3 server, started once, stopped at the end; the SpinRun
+CRD and the tiny model; one finished 2-iteration reference run shared by every test that only inspects a
+finished run or compares its own lineage with it; a fresh namespace and a fresh bucket per test."""
 
 from __future__ import annotations
 
@@ -7,13 +8,31 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from support import (
+    Controllers,
+    FinishedRun,
+    create_s3_secret,
+    get_run,
+    jobs_by_name,
+    manifest,
+    reference_spec,
+    run_store,
+    spinctl_until_exit,
+)
 
+from spin_k8s import lineage
 from spin_k8s.testing import tools
-from spin_k8s.testing.cluster import Cluster
+from spin_k8s.testing.cluster import Cluster, wait_until
 from spin_k8s.testing.s3 import S3Server
+from spin_k8s.workers import tiny
+
+CRD = Path(__file__).parent.parent / "manifests" / "crd" / "spinruns.selfplay.dev.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -30,19 +49,23 @@ def api(cluster: Cluster) -> client.ApiClient:
     return config.new_client_from_config(config_file=str(cluster.kubeconfig))
 
 
-@pytest.fixture
-def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A new namespace per test, with its default ServiceAccount in place (pods are refused before)."""
+def _new_namespace(api: client.ApiClient, base: str) -> str:
+    """A new namespace with its default ServiceAccount in place (pods are refused before)."""
     core = client.CoreV1Api(api)
-    base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
-    name = f"{base}-{secrets.token_hex(3)}"
+    name = f"{re.sub(r'[^a-z0-9-]', '-', base.lower())[:40].strip('-')}-{secrets.token_hex(3)}"
     core.create_namespace({"metadata": {"name": name}})
     deadline = time.monotonic() + 30
     while not core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:
         assert time.monotonic() < deadline, "the default ServiceAccount never appeared"
         time.sleep(0.1)
+    return name
+
+
+@pytest.fixture
+def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = _new_namespace(api, request.node.name)
     yield name
-    core.delete_namespace(name)
+    client.CoreV1Api(api).delete_namespace(name)
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +80,59 @@ def bucket(s3_server: S3Server) -> str:
     name = f"t-{secrets.token_hex(6)}"
     s3_server.client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def crd(api: client.ApiClient) -> None:
+    ext = client.ApiextensionsV1Api(api)
+    body = yaml.safe_load(CRD.read_text())
+    try:
+        ext.create_custom_resource_definition(body)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    wait_until("the SpinRun CRD", lambda: any(
+        c.type == "Established" and c.status == "True"
+        for c in ext.read_custom_resource_definition(body["metadata"]["name"]).status.conditions or []), 30)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> tiny.TinyAssets:
+    return tiny.create(tmp_path_factory.mktemp("tiny"), rows=16, seed=0)
+
+
+@pytest.fixture
+def controllers(cluster: Cluster, namespace: str, s3_server: S3Server, tmp_path: Path) -> Iterator[Controllers]:
+    c = Controllers(cluster, namespace, tmp_path, s3_server)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def s3_secret(api: client.ApiClient, namespace: str, s3_server: S3Server) -> str:
+    return create_s3_secret(api, namespace, s3_server)
+
+
+@pytest.fixture(scope="session")
+def reference(cluster: Cluster, api: client.ApiClient, crd: None, s3_server: S3Server, assets: tiny.TinyAssets,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedRun]:
+    """The reference run: `spinctl start -f --wait` of the tiny 2-iteration run, reconciled by one
+    uninterrupted controller, to the end. Its namespace stays for the whole session."""
+    workdir = tmp_path_factory.mktemp("reference")
+    ns = _new_namespace(api, "reference")
+    bucket = f"ref-{secrets.token_hex(4)}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    create_s3_secret(api, ns, s3_server)
+    spec_file = workdir / "demo.yaml"
+    spec_file.write_text(yaml.safe_dump(reference_spec("demo", assets, s3_server, bucket)))
+    controllers = Controllers(cluster, ns, workdir, s3_server)
+    controllers.start()
+    try:
+        code, output = spinctl_until_exit(controllers, "start", "-f", str(spec_file), "--wait", "--timeout", "900")
+    finally:
+        controllers.stop()
+    run = get_run(api, ns, "demo")
+    store = run_store(s3_server, bucket, run)
+    yield FinishedRun(namespace=ns, name="demo", bucket=bucket, run=run, output=output, exit_code=code,
+                      steps=lineage.load(store), manifest=manifest(store), jobs=jobs_by_name(api, ns, "demo"))
+    client.CoreV1Api(api).delete_namespace(ns)

@@ -17,9 +17,11 @@ import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from support import Controllers, run_store
 
 import spin_k8s
 from spin_k8s import api as spin_api
+from spin_k8s import lineage
 from spin_k8s.controller.manager import LEASE_NAME
 from spin_k8s.testing import tools
 from spin_k8s.testing.cluster import Cluster, free_port, wait_until
@@ -373,9 +375,6 @@ def gone(read: Any, *args: str) -> bool:
 def test_helm_install_runs_a_spinrun_and_uninstall_keeps_the_crd_and_the_run(
         cluster: Cluster, api: client.ApiClient, namespace: str, s3_server: S3Server, bucket: str,
         tmp_path: Path) -> None:
-    # Imported here: test_controller is a test module; only its wait helper is reused.
-    from test_controller import wait_phase
-
     core, apps, rbac = client.CoreV1Api(api), client.AppsV1Api(api), client.RbacAuthorizationV1Api(api)
     ext = client.ApiextensionsV1Api(api)
     port = free_port()
@@ -407,8 +406,12 @@ def test_helm_install_runs_a_spinrun_and_uninstall_keeps_the_crd_and_the_run(
     assets = tiny.create(tmp_path / "tiny", rows=16, seed=0)
     created = start_run(cluster, namespace, tiny_example(assets, s3_server, bucket, "s3"), tmp_path)
     name = created["metadata"]["name"]
-    run = wait_phase(api, namespace, name, "Succeeded")
+    watch = Controllers(cluster, namespace, tmp_path, s3_server)  # starts no controller: the chart's runs
+    run = watch.wait_phase(api, name, "Succeeded")
     assert [i["iteration"] for i in run["status"]["iterations"]] == [0]
+    # The one cluster run on vLLM (the example's default engine): the shard records say which engine ran.
+    shards = lineage.load(run_store(s3_server, bucket, run))[(0, "generate")]["shards"]
+    assert [s["engine"] for s in shards] == ["vllm"] * len(shards)
     manifest_key = run["status"]["manifest"].removeprefix(f"s3://{bucket}/")
     assert s3_server.client().head_object(Bucket=bucket, Key=manifest_key)["ContentLength"] > 0
     # Nothing else reconciles in this namespace, so the run went through the chart's controller, which

@@ -1,6 +1,6 @@
-"""spinctl against the real control plane and S3 server: a run started with ``spinctl start --wait`` is
-followed to the end, then inspected with list, status, logs and lineage; cancel, resume and delete drive
-another; unknown runs, missing permissions and failed runs end in one line and a non-zero exit."""
+"""spinctl against the real control plane and S3 server: the reference run (started with ``spinctl start -f
+--wait``, conftest) is inspected with list, status, logs and lineage; cancel, resume and delete drive another;
+unknown runs, missing permissions and failed runs end in one line and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 from kubernetes import client
-from test_controller import Controllers, crd  # noqa: F401 (crd is a fixture used by name)
+from support import Controllers, FinishedRun, create_s3_secret, spinctl_until_exit
 
 from spin_k8s.cli import main
 from spin_k8s.testing.cluster import Cluster, free_port, wait_until
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.s3]
 
 @pytest.fixture(scope="module")
 def ns(api: client.ApiClient) -> Iterator[str]:
-    """One namespace for the module: the finished run is inspected by several tests."""
+    """One namespace for the module's own runs (cancel, resume, delete, a failed run)."""
     core = client.CoreV1Api(api)
     name = f"cli-{secrets.token_hex(3)}"
     core.create_namespace({"metadata": {"name": name}})
@@ -37,19 +37,24 @@ def ns(api: client.ApiClient) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def setup(cluster: Cluster, api: client.ApiClient, crd: None, ns: str, s3_server: S3Server,  # noqa: F811
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """The controller watching ``ns``, an S3 bucket and Secret, and a tiny model: what `start` needs."""
+def cli_controllers(cluster: Cluster, ns: str, s3_server: S3Server,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controllers]:
+    """The controller watching ``ns``; the module's waits fail at once if it (or a server) exits."""
+    controllers = Controllers(cluster, ns, tmp_path_factory.mktemp("controller"), s3_server)
+    controllers.start()
+    yield controllers
+    controllers.stop()
+
+
+@pytest.fixture(scope="module")
+def setup(api: client.ApiClient, crd: None, ns: str, s3_server: S3Server, cli_controllers: Controllers,
+          assets: tiny.TinyAssets) -> dict[str, str]:
+    """An S3 bucket and Secret in ``ns`` and the tiny model: what `start` needs."""
     bucket = f"cli-{secrets.token_hex(4)}"
     s3_server.client().create_bucket(Bucket=bucket)
-    client.CoreV1Api(api).create_namespaced_secret(ns, {"metadata": {"name": "s3"}, "stringData": {
-        "AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
-    assets = tiny.create(tmp_path_factory.mktemp("tiny"), rows=16, seed=0)
-    controllers = Controllers(cluster, ns, tmp_path_factory.mktemp("controller"))
-    controllers.start()
-    yield {"bucket": bucket, "model": f"file://{assets.model_dir}", "dataset": f"file://{assets.data_path}",
-           "endpoint": s3_server.endpoint}
-    controllers.stop()
+    create_s3_secret(api, ns, s3_server)
+    return {"bucket": bucket, "model": f"file://{assets.model_dir}", "dataset": f"file://{assets.data_path}",
+            "endpoint": s3_server.endpoint}
 
 
 def spinctl(cluster: Cluster, ns: str, *args: str, kubeconfig: Path | None = None) -> Result:
@@ -57,7 +62,8 @@ def spinctl(cluster: Cluster, ns: str, *args: str, kubeconfig: Path | None = Non
                               catch_exceptions=False)
 
 
-TINY = ("generation.shards=2", "generation.gpusPerShard=0", "generation.maxTokens=12", "training.gpusPerNode=0",
+TINY = ("generation.shards=2", "generation.gpusPerShard=0", "generation.maxTokens=12",
+        "generation.engine=transformers", "training.gpusPerNode=0",
         "training.zeroStage=0", "training.precision=fp32", "training.learningRate=1e-3", "training.epochs=1",
         "training.perDeviceBatchSize=4", "training.maxLength=96", "training.maxPromptLength=48",
         "training.gradientCheckpointing=false")
@@ -70,23 +76,17 @@ def start_args(setup: dict[str, str], name: str, iterations: int) -> list[str]:
             "--storage-endpoint", setup["endpoint"], *[arg for s in sets for arg in ("--set", s)]]
 
 
-@pytest.fixture(scope="module")
-def finished(cluster: Cluster, ns: str, setup: dict[str, str]) -> Result:
-    """`spinctl start --wait` of a 2-iteration run whose second iteration lowers the learning rate."""
-    return spinctl(cluster, ns, *start_args(setup, "demo", 2), "--set", "iterationOverrides[0].iteration=1",
-                   "--set", "iterationOverrides[0].learningRate=5e-4", "--wait")
-
-
-def test_start_wait_follows_the_run_to_success(finished: Result) -> None:
-    assert finished.exit_code == 0, finished.output
-    lines = finished.output.splitlines()
+def test_start_wait_follows_the_run_to_success(reference: FinishedRun) -> None:
+    assert reference.exit_code == 0, reference.output
+    lines = reference.output.splitlines()
     assert lines[0] == "spinrun/demo created"
     assert any("demo: iteration 1/2 Generating" in line for line in lines)
     assert any("demo: iteration 2/2 Training" in line for line in lines)
     assert lines[-1].startswith("demo succeeded: Completed; lineage: s3://")
 
 
-def test_list_and_status_show_iterations_jobs_and_metrics(cluster: Cluster, ns: str, finished: Result) -> None:
+def test_list_and_status_show_iterations_jobs_and_metrics(cluster: Cluster, reference: FinishedRun) -> None:
+    ns = reference.namespace
     table = spinctl(cluster, ns, "list").output.splitlines()
     assert table[0].split() == ["NAME", "ITERATION", "OF", "PHASE", "REASON", "AGE"]
     assert table[1].split()[:5] == ["demo", "1", "2", "Succeeded", "Completed"]
@@ -103,8 +103,8 @@ def test_list_and_status_show_iterations_jobs_and_metrics(cluster: Cluster, ns: 
     assert all("loss" in i["metrics"] for i in status["run"]["status"]["iterations"])
 
 
-def test_kubectl_finds_each_iterations_jobs_and_run_names_complete(cluster: Cluster, ns: str,
-                                                                  finished: Result) -> None:
+def test_kubectl_finds_each_iterations_jobs_and_run_names_complete(cluster: Cluster, reference: FinishedRun) -> None:
+    ns = reference.namespace
     from spin_k8s.testing import tools
 
     out = subprocess.run([str(tools.kube_binary("kubectl")), f"--kubeconfig={cluster.kubeconfig}", "-n", ns, "get",
@@ -117,7 +117,8 @@ def test_kubectl_finds_each_iterations_jobs_and_run_names_complete(cluster: Clus
     assert completed.output.splitlines() == ["plain,demo"]
 
 
-def test_logs_of_a_shard_and_of_the_trainer(cluster: Cluster, ns: str, finished: Result) -> None:
+def test_logs_of_a_shard_and_of_the_trainer(cluster: Cluster, reference: FinishedRun) -> None:
+    ns = reference.namespace
     shard = spinctl(cluster, ns, "logs", "demo", "--iteration", "0", "--role", "gen", "--index", "1").output
     events = [json.loads(line) for line in shard.splitlines() if line.startswith("{")]
     assert {"event": "start", "shard": 1}.items() <= events[0].items()
@@ -131,7 +132,8 @@ def test_logs_of_a_shard_and_of_the_trainer(cluster: Cluster, ns: str, finished:
                                      "(not started yet, or its Job was removed)"
 
 
-def test_lineage_table_json_and_diff(cluster: Cluster, ns: str, finished: Result) -> None:
+def test_lineage_table_json_and_diff(cluster: Cluster, reference: FinishedRun) -> None:
+    ns = reference.namespace
     table = spinctl(cluster, ns, "lineage", "demo").output
     assert "Code:     spin-k8s" in table
     assert sum(1 for line in table.splitlines() if line.startswith(("0 ", "1 "))) == 4
@@ -147,18 +149,18 @@ def test_lineage_table_json_and_diff(cluster: Cluster, ns: str, finished: Result
 
 
 def test_cancel_resume_and_delete(cluster: Cluster, api: client.ApiClient, ns: str, setup: dict[str, str],
-                                  finished: Result) -> None:
+                                  cli_controllers: Controllers) -> None:
     batch = client.BatchV1Api(api)
     assert spinctl(cluster, ns, *start_args(setup, "again", 1)).output.startswith("spinrun/again created")
-    wait_until("the generation Job", lambda: batch.list_namespaced_job(ns, label_selector="selfplay.dev/run=again")
-               .items, 60)
+    cli_controllers.wait("the generation Job", lambda: batch.list_namespaced_job(
+        ns, label_selector="selfplay.dev/run=again").items, 60)
     assert "cancelled" in spinctl(cluster, ns, "cancel", "again").output
-    wait_until("the run to be suspended", lambda: "Phase:       Suspended" in spinctl(cluster, ns, "status",
-                                                                                       "again").output, 60)
+    cli_controllers.wait("the run to be suspended", lambda: "Phase:       Suspended" in spinctl(
+        cluster, ns, "status", "again").output, 60)
     assert batch.read_namespaced_job("again-i0-gen", ns).spec.suspend is True
     assert spinctl(cluster, ns, "resume", "again").output.startswith("spinrun/again resumed")
-    wait_until("the resumed run to finish", lambda: "Phase:       Succeeded" in spinctl(cluster, ns, "status",
-                                                                                         "again").output, 600)
+    cli_controllers.wait("the resumed run to finish", lambda: "Phase:       Succeeded" in spinctl(
+        cluster, ns, "status", "again").output, 600)
     deleted = spinctl(cluster, ns, "delete", "again", "--wait")
     assert deleted.exit_code == 0 and "its lineage stays at s3://" in deleted.output
     assert not batch.list_namespaced_job(ns, label_selector="selfplay.dev/run=again").items  # foreground delete
@@ -166,12 +168,12 @@ def test_cancel_resume_and_delete(cluster: Cluster, api: client.ApiClient, ns: s
     assert gone.exit_code == 1 and gone.output.strip() == f'Error: spinrun "again" not found in namespace "{ns}"'
 
 
-def test_a_failed_run_exits_non_zero_with_its_reason(cluster: Cluster, ns: str, setup: dict[str, str]) -> None:
+def test_a_failed_run_exits_non_zero_with_its_reason(setup: dict[str, str], cli_controllers: Controllers) -> None:
     args = start_args(setup, "broken", 1)
     args[args.index("--dataset") + 1] = "file:///nonexistent/sft.jsonl"
-    result = spinctl(cluster, ns, *args, "--set", "restartLimit=0", "--wait", "--timeout", "300")
-    assert result.exit_code == 1
-    assert result.output.splitlines()[-1].startswith("Error: broken failed: GenerationFailed: broken-i0-gen failed")
+    code, output = spinctl_until_exit(cli_controllers, *args, "--set", "restartLimit=0", "--wait", "--timeout", "300")
+    assert code == 1
+    assert output.splitlines()[-1].startswith("Error: broken failed: GenerationFailed: broken-i0-gen failed")
 
 
 def test_missing_permission_is_one_line(cluster: Cluster, api: client.ApiClient, ns: str, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,32 +16,16 @@ from typing import IO, Any, cast
 import psutil
 import pytest
 from kubernetes import client
-from test_controller import (  # fixtures are found by name in this module
-    Controllers,
-    assets,
-    controllers,
-    crd,
-    get_run,
-    normalized,
-    run_lineage,
-    s3_secret,
-    spin_run,
-    wait_phase,
-)
+from support import STEPS, FinishedRun, get_run, normalized, reference_spec, steps_normalized
 
 from spin_k8s import lineage, local, naming, storage
-from spin_k8s.testing.s3 import S3Server
 from spin_k8s.workers import tiny
-
-__all__ = ["assets", "controllers", "crd", "s3_secret"]  # imported for pytest, which finds fixtures by name
-
-STEPS = [(0, naming.GENERATE), (0, naming.TRAIN), (1, naming.GENERATE), (1, naming.TRAIN)]
 
 
 def local_spin_run(assets: tiny.TinyAssets, **spec: Any) -> dict[str, Any]:
-    """test_controller's SpinRun, unchanged but for storage: left out, so the executor's default applies."""
-    obj = spin_run("demo", assets, cast(S3Server, types.SimpleNamespace(endpoint=None)), "unused", **spec)
-    del obj["spec"]["storage"]
+    """The reference run's SpinRun, unchanged but for storage: left out, so the executor's default applies."""
+    obj = reference_spec("demo", assets, None, "")
+    obj["spec"].update(spec)
     return obj
 
 
@@ -55,11 +38,12 @@ class LocalRun:
 
 @pytest.fixture(scope="module")
 def two_iterations(assets: tiny.TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> LocalRun:
-    """One uninterrupted 2-iteration local run, shared by the test of its lineage and the equivalence test."""
+    """One uninterrupted 2-iteration local run of the reference spec, one rank per node as a CPU pod runs,
+    shared by the test of its lineage and the comparison with the controller's reference run."""
     workdir = tmp_path_factory.mktemp("local")
     events: list[str] = []
     began = time.monotonic()
-    result = local.run(local_spin_run(assets), workdir, on_event=events.append)
+    result = local.run(local_spin_run(assets), workdir, on_event=events.append, nproc=1)
     print(f"2-iteration local run: {time.monotonic() - began:.0f} s")
     return LocalRun(result, workdir, events)
 
@@ -83,7 +67,7 @@ def test_two_iterations_run_locally_with_lineage(two_iterations: LocalRun, asset
             assert shard["sha256"] == storage.sha256_file(local_path(shard["uri"]))
         train = steps[(t, naming.TRAIN)]
         assert len(train["checkpointDigest"]) == 64 and train["job"] == f"demo-i{t}-train"
-        assert train["metrics"]["world_size"] == 2  # nproc=2 real DeepSpeed ranks on one local node
+        assert train["metrics"]["world_size"] == 1  # nproc=1: one DeepSpeed rank, as in a CPU pod
     assert steps[(0, naming.TRAIN)]["checkpointDigest"] != steps[(1, naming.TRAIN)]["checkpointDigest"]
     assert steps[(1, naming.GENERATE)]["model"] == steps[(0, naming.TRAIN)]["checkpoint"] == f"{result.prefix}/i0/model"
     assert steps[(1, naming.TRAIN)]["dataMix"] == [f"{result.prefix}/i0/synthetic", f"{result.prefix}/i1/synthetic"]
@@ -112,7 +96,7 @@ def test_two_iterations_run_locally_with_lineage(two_iterations: LocalRun, asset
 
     # A finished run run again: nothing is started, nothing recorded twice.
     again: list[str] = []
-    assert local.run(local_spin_run(assets), workdir, on_event=again.append).phase == "Succeeded"
+    assert local.run(local_spin_run(assets), workdir, on_event=again.append, nproc=1).phase == "Succeeded"
     assert not [e for e in again if "created" in e or "recorded" in e], again
 
 
@@ -169,7 +153,7 @@ def child_runs() -> Iterator[list[Child]]:
 def test_node_crash_restarts_the_gang_and_ctrl_c_resumes_without_redoing_steps(
         tmp_path: Path, child_runs: list[Child]) -> None:
     assets = tiny.create(tmp_path / "tiny", rows=16, seed=0)
-    obj = local_spin_run(assets, iterations=1, restartLimit=1)
+    obj = local_spin_run(assets, iterations=1, restartLimit=1, iterationOverrides=[])
     # Two nodes of one rank each: a real two-node gang on loopback. 24 steps: room to act mid-training.
     obj["spec"]["training"].update(nodes=2, epochs=12, checkpointEverySteps=2)
     workdir = tmp_path / "work"
@@ -229,63 +213,30 @@ def _recorded_order(steps: dict[tuple[int, str], dict[str, Any]]) -> list[tuple[
 
 @pytest.mark.cluster
 @pytest.mark.s3
-def test_local_executor_and_controller_run_the_same_steps(
-        api: client.ApiClient, crd: None, namespace: str, controllers: Controllers, s3_secret: str,
-        assets: tiny.TinyAssets, s3_server: S3Server, bucket: str, two_iterations: LocalRun) -> None:
-    controllers.start()
-    created = client.CustomObjectsApi(api).create_namespaced_custom_object(
-        "selfplay.dev", "v1alpha1", namespace, "spinruns", spin_run("demo", assets, s3_server, bucket))
-    cluster_run = wait_phase(api, namespace, "demo", "Succeeded")
-    cluster_prefix = f"s3://{bucket}/spin/{namespace}/demo/{created['metadata']['uid']}"
-    cluster_store = run_lineage(s3_server, bucket, namespace, cluster_run)
-    cluster_steps = lineage.load(cluster_store)
+def test_local_executor_and_controller_give_the_same_lineage_bit_for_bit(
+        api: client.ApiClient, reference: FinishedRun, two_iterations: LocalRun) -> None:
+    """The reference run (controller, real Jobs, S3) and the local run of the same spec with the same rank count
+    record the same steps in the same order, by Jobs of the same names, with equal digests of every shard,
+    model and checkpoint and equal metrics: only times, uids, the storage prefix and cache dirs differ."""
     ours = two_iterations.result
     local_steps = lineage.load(lineage.open_store(ours.prefix))
-
-    # The same steps, in the same order, by Jobs of the same names.
-    assert _recorded_order(cluster_steps) == _recorded_order(local_steps) == STEPS
-    jobs = client.BatchV1Api(api).list_namespaced_job(namespace).items
-    cluster_jobs = [j.metadata.name for j in sorted(jobs, key=lambda j: j.metadata.creation_timestamp)]
+    assert _recorded_order(reference.steps) == _recorded_order(local_steps) == STEPS
+    created = sorted(reference.jobs, key=lambda name: STEPS.index(
+        (int(name.split("-i")[1][0]), naming.GENERATE if name.endswith("-gen") else naming.TRAIN)))
     saved = json.loads(local.run_file(two_iterations.workdir, "demo").read_text())
-    assert cluster_jobs == [j["body"]["metadata"]["name"] for j in saved["jobs"]]
+    assert created == [j["body"]["metadata"]["name"] for j in saved["jobs"]]
 
-    # The same records, field for field, but for what legitimately differs:
-    # - times, uids and the storage prefix (normalized away);
-    # - the training world size: a CPU pod runs one rank, a local node `nproc` (2) ranks. So the global batch,
-    #   the number of steps and the trained weights differ, and with them everything downstream of iteration 0's
-    #   training: its checkpointDigest, iteration 1's opponent (modelDigest) and samples (shard sha256), and all
-    #   metric values. Iteration 0's generation depends on nothing of that: same model files, same seeds (run
-    #   name, iteration, shard), same engine, hence the same shard digests.
-    # - metrics.settings.cache_dir: a pod's default cache versus the executor's {workdir}/cache.
-    theirs_n = {k: normalized(v, cluster_prefix) for k, v in cluster_steps.items()}
-    ours_n = {k: normalized(v, ours.prefix) for k, v in local_steps.items()}
-    for key in STEPS:
-        theirs, mine = theirs_n[key], ours_n[key]
-        assert theirs.keys() == mine.keys(), key
-        same = {"iteration", "role", "job", "attempt", "restarts", "model", "dataset", "output", "checkpoint",
-                "dataMix", "config"}
-        assert {k: theirs[k] for k in same & theirs.keys()} == {k: mine[k] for k in same & mine.keys()}, key
-        if key[1] == naming.GENERATE:
-            stable = ["uri", "rows", "engine"] + (["sha256", "modelDigest"] if key[0] == 0 else [])
-            assert [{f: s[f] for f in stable} for s in theirs["shards"]] == \
-                [{f: s[f] for f in stable} for s in mine["shards"]]
-        else:
-            assert theirs["metrics"].keys() == mine["metrics"].keys()
-            assert (theirs["metrics"]["world_size"], mine["metrics"]["world_size"]) == (1, 2)
-            theirs_settings = {k: v for k, v in theirs["metrics"]["settings"].items() if k != "cache_dir"}
-            assert theirs_settings == {k: v for k, v in mine["metrics"]["settings"].items() if k != "cache_dir"}
-    assert ours_n[(0, naming.GENERATE)]["shards"] == theirs_n[(0, naming.GENERATE)]["shards"]
+    assert steps_normalized(local_steps, ours.prefix) == steps_normalized(reference.steps, reference.prefix)
 
-    # The same manifest and status shapes.
-    manifests = [json.loads(cluster_store.get(lineage.MANIFEST_KEY)[0]),  # type: ignore[index]
-                 json.loads(local_path(ours.manifest).read_text())]
-    assert manifests[0].keys() == manifests[1].keys()
-    for m in manifests:  # storage and the (free) rendezvous port are the only spec fields the two runs set apart
+    # The same manifest and status. The spec differs in storage and the (free) rendezvous port only.
+    local_manifest = json.loads(lineage.open_store(ours.prefix).get(lineage.MANIFEST_KEY)[0])  # type: ignore[index]
+    manifests = [local_manifest, json.loads(json.dumps(reference.manifest))]
+    assert manifests[0].keys() == manifests[1].keys() == {"run", "spec", "codeVersion", "created", "updated",
+                                                          "iterations"}
+    for m in manifests:
         del m["spec"]["storage"], m["spec"]["training"]["port"]
     assert manifests[0]["spec"] == manifests[1]["spec"]
-    status = get_run(api, namespace, "demo")["status"]
-    assert status.keys() == ours.status.keys() and status["phase"] == ours.phase
+    status = get_run(api, reference.namespace, "demo")["status"]
+    assert normalized(status["iterations"], reference.prefix) == normalized(ours.status["iterations"], ours.prefix)
     assert [(c["type"], c["status"], c["reason"]) for c in status["conditions"]] == \
         [(c["type"], c["status"], c["reason"]) for c in ours.status["conditions"]]
-    assert [(i.keys(), i["generateJob"], i["trainJob"], i["metrics"].keys()) for i in status["iterations"]] == \
-        [(i.keys(), i["generateJob"], i["trainJob"], i["metrics"].keys()) for i in ours.status["iterations"]]

@@ -7,6 +7,14 @@ directory, with each container's output in ``<pod dir>/<container>.log``. It rep
 Succeeded or Failed with the real exit code, as a kubelet would, so the real Job and Deployment controllers
 drive everything else.
 
+Pod disks: as a container has its own /tmp, every pod gets its own temporary directory as ``TMPDIR`` (the
+container's ``env`` may override it), linked from ``<pod dir>/tmp``. Its path is short, as a container's /tmp is
+(unix sockets such as vLLM's live there and their paths may not exceed 107 bytes): ``/tmp/spin-node-*/<uid[:8]>``,
+removed when the agent stops. Nothing is mounted over /tmp itself: pods read test
+inputs from host paths such as ``file:///tmp/pytest-...``. Whatever honours TMPDIR (Python's ``tempfile``,
+hence the workers' default cache) starts empty in a new pod and is never shared between pods, so a
+restarted pod finds nothing a killed one left behind, as on a real cluster.
+
 Pod networking: pod IPs are handed out from 10.244.0.0/16 as data only; nothing may connect to them. Each
 pod runs in its own mount and UTS namespace (when ``unshare`` works) with the pod's hostname and an
 ``/etc/hosts`` that maps every pod hostname on this node (``{hostname}.{subdomain}[.{ns}.svc.cluster.local]``,
@@ -37,6 +45,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -112,6 +121,7 @@ class PodRunner(threading.Thread):
         self.uid: str = pod.metadata.uid
         meta = pod.metadata
         self.dir = agent.root / "pods" / f"{meta.namespace}_{meta.name}_{self.uid[:8]}"
+        self.tmp = agent.tmp_root / self.uid[:8]  # the pod's own /tmp, given to its containers as TMPDIR
         self.stopping = threading.Event()
         self.grace = 30.0
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -148,6 +158,7 @@ class PodRunner(threading.Thread):
         env.update(
             HOSTNAME=self.pod.spec.hostname or self.pod.metadata.name,
             HOME=str(self.dir),
+            TMPDIR=str(self.tmp),
             KUBERNETES_SERVICE_HOST="127.0.0.1",
             KUBERNETES_SERVICE_PORT=str(self.agent.apiserver_port),
         )
@@ -287,6 +298,8 @@ class PodRunner(threading.Thread):
     def _run(self) -> None:
         spec, meta = self.pod.spec, self.pod.metadata
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        (self.dir / "tmp").symlink_to(self.tmp)
         annotations = meta.annotations or {}
         start = _now().isoformat()
         if self.agent.pod_kubeconfig is not None and spec.automount_service_account_token is not False:
@@ -383,6 +396,7 @@ class NodeAgent:
         self.pod_kubeconfig: Any = None
         self.kubelet_port = 0  # where the apiserver reads container logs (podlogs.LogServer); 0: not served
         self.hosts = HostsFile(root / "hosts")
+        self.tmp_root = Path(tempfile.mkdtemp(prefix="spin-node-"))
         self.isolate = _can_isolate()
         self._runners: dict[str, PodRunner] = {}
         self._done: set[str] = set()
@@ -522,6 +536,7 @@ class NodeAgent:
             r.terminate(2)
         for r in runners:
             r.join(timeout=5)
+        shutil.rmtree(self.tmp_root, ignore_errors=True)
 
 
 def _can_isolate() -> bool:

@@ -21,6 +21,9 @@ from spin_k8s import storage
 from spin_k8s.workers.data import DataError
 
 USAGE_EXIT = 2
+# What the training worker writes next to a model it saved, last: its metrics, the marker that the model is
+# complete. Not part of the model: it holds timings, so it would make two identical models look different.
+METRICS_FILE = "metrics.json"
 
 
 class UsageError(ValueError):
@@ -39,6 +42,12 @@ def run_cli(main: Callable[[], int]) -> int:
     except (UsageError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return USAGE_EXIT
+
+
+def model_digest(model_dir: Path) -> str:
+    """A model's identity in lineage: the digest of its files, the training worker's metrics aside. The
+    training worker records it as ``checkpoint_sha256``; the next iteration's workers find it again."""
+    return storage.digest_dir(model_dir, exclude=(METRICS_FILE,))
 
 
 def default_cache_dir() -> Path:

@@ -44,8 +44,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
-METRICS_FILE = "metrics.json"
-
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -84,6 +82,7 @@ class Dist:
     rank: int
     world_size: int
     local_rank: int
+    node: int = 0  # the node rank (torchrun's GROUP_RANK, the pod's completion index): 0 for a plain process
 
 
 def linear_schedule(step: int, total: int, warmup: int) -> float:
@@ -131,7 +130,8 @@ def init_distributed() -> Dist:
     # DeepSpeed's collectives call torch APIs that warn on every step; the warnings would drown the log.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]),
+                int(os.environ.get("GROUP_RANK", "0")))
 
 
 def barrier() -> None:
@@ -250,7 +250,11 @@ def save_checkpoint(engine: Any, s: TrainSettings, dist: Dist, step: int, histor
 
 
 def restore(engine: Any, s: TrainSettings, dist: Dist) -> tuple[int, list[dict[str, float]]]:
-    """(steps already done, their metrics) from the latest checkpoint; (0, []) without one."""
+    """(steps already done, their metrics) from the latest checkpoint; (0, []) without one.
+
+    From S3, each node's local rank 0 stages the checkpoint on its node unless it is there already, and logs
+    one ``fetched`` event (node rank, tag, local path, ``downloaded``): a pod that starts on an empty disk must
+    show ``downloaded: true``, whatever another pod left behind."""
     if s.checkpoint_dir is None:
         return 0, []
     local = local_checkpoint_dir(s)
@@ -259,8 +263,11 @@ def restore(engine: Any, s: TrainSettings, dist: Dist) -> tuple[int, list[dict[s
             tag = storage.read_bytes(storage.join(s.checkpoint_dir, "latest")).decode().strip()
         except storage.NotFoundError:
             return 0, []
-        if dist.local_rank == 0 and not (local / tag).is_dir():
-            storage.download_dir(storage.join(s.checkpoint_dir, tag), local / tag)
+        if dist.local_rank == 0:
+            downloaded = not (local / tag).is_dir()
+            if downloaded:
+                storage.download_dir(storage.join(s.checkpoint_dir, tag), local / tag)
+            runtime.log(event="fetched", node=dist.node, tag=tag, path=str(local / tag), downloaded=downloaded)
         barrier()
     else:
         if not (local / "latest").is_file():
@@ -287,11 +294,11 @@ def save_model(engine: Any, tokenizer: PreTrainedTokenizerBase, s: TrainSettings
                    else Path(local.key))
         engine.module.save_pretrained(staging, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        metrics = {**metrics, "checkpoint_sha256": storage.digest_dir(staging)}  # the lineage's checkpoint identity
+        metrics = {**metrics, "checkpoint_sha256": runtime.model_digest(staging)}  # the lineage's checkpoint identity
         if local.scheme == "s3":
             storage.upload_dir(staging, s.output)
             shutil.rmtree(staging)
-        storage.write_bytes(storage.join(s.output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
+        storage.write_bytes(storage.join(s.output, runtime.METRICS_FILE), json.dumps(metrics, indent=2).encode())
         runtime.log(event="saved", uri=s.output)
     barrier()
 
@@ -301,7 +308,7 @@ def save_model(engine: Any, tokenizer: PreTrainedTokenizerBase, s: TrainSettings
 
 def train(s: TrainSettings) -> int:
     dist = init_distributed()
-    if storage.exists(storage.join(s.output, METRICS_FILE)):
+    if storage.exists(storage.join(s.output, runtime.METRICS_FILE)):
         if dist.rank == 0:
             runtime.log(event="skip", reason="output already complete", uri=s.output)
         return 0
@@ -317,7 +324,7 @@ def train(s: TrainSettings) -> int:
     model_dir = runtime.fetch_model(s.model, s.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ref_digest = storage.digest_dir(model_dir)
+    ref_digest = runtime.model_digest(model_dir)
     sets = data.mix(s.iteration, s.keep_previous, s.synthetic)
     pairs = load_pairs(sets, tokenizer, s, ref_digest, held_out=False if s.holdout_fraction else None)
     if s.eval_data:
