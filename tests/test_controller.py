@@ -10,10 +10,12 @@ workers would have left in storage.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,7 @@ from spin_k8s import api as spin_api
 from spin_k8s import lineage, naming
 from spin_k8s.controller.manager import LEASE_NAME
 from spin_k8s.testing import tools
-from spin_k8s.testing.cluster import Cluster, Process
+from spin_k8s.testing.cluster import Cluster, Process, free_port
 from spin_k8s.testing.s3 import S3Server
 from spin_k8s.workers import tiny
 
@@ -129,10 +131,26 @@ class Chaos:
     def __init__(self, controllers: Controllers, api: client.ApiClient, store: lineage.Store) -> None:
         self.controllers, self.api, self.store = controllers, api, store
         self.ns = controllers.namespace
-        self.leader: Process = controllers.start("--lease-seconds=2")
+        self.metrics: dict[int, int] = {}  # controller pid -> its metrics port
+        self.leader: Process = self.start()
         self.kills: list[str] = []
         self.missed: list[str] = []
         self.uids: dict[str, set[str]] = {}  # every uid seen under each Job name, over the whole run
+
+    def start(self) -> Process:
+        port = free_port()
+        proc = self.controllers.start("--lease-seconds=2", f"--metrics-bind=127.0.0.1:{port}")
+        self.metrics[proc.popen.pid] = port
+        return proc
+
+    def reconciles(self, proc: Process) -> int:
+        """How many reconciles ``proc`` finished (its /metrics); 0 before it serves them."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics[proc.popen.pid]}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return 0
+        return sum(int(m) for m in re.findall(r'^spin_controller_reconciles_total\{[^}]*\} (\d+)$', text, re.M))
 
     def holder(self) -> str | None:
         try:
@@ -144,14 +162,22 @@ class Chaos:
             raise
 
     def leading(self) -> Process:
-        """Wait until the newest controller holds the Lease (its predecessor's has expired)."""
+        """Wait until the newest controller holds the Lease (its predecessor's has expired) and has reconciled
+        the run at least once: it has seen the state it is about to be killed in."""
         identity = f"{socket.gethostname()}-{self.leader.popen.pid}"
         self.controllers.wait(f"{self.leader.name} to hold the Lease", lambda: self.holder() == identity, 60)
+        self.controllers.wait(f"{self.leader.name} to reconcile", lambda: self.reconciles(self.leader) > 0, 60)
         return self.leader
 
-    def freeze(self) -> Process:
-        """Stop the leader where it stands (SIGSTOP): it can neither act nor renew its Lease."""
-        leader = self.leading()
+    def freeze(self, reconciled: bool = True) -> Process:
+        """Stop the leader where it stands (SIGSTOP): it can neither act nor renew its Lease. ``reconciled``:
+        only once it has reconciled (else as soon as it holds the Lease)."""
+        if reconciled:
+            leader = self.leading()
+        else:
+            leader = self.leader
+            identity = f"{socket.gethostname()}-{leader.popen.pid}"
+            self.controllers.wait(f"{leader.name} to hold the Lease", lambda: self.holder() == identity, 60)
         self.controllers.unwatch(leader)
         leader.popen.send_signal(signal.SIGSTOP)
         return leader
@@ -162,7 +188,7 @@ class Chaos:
         assert self.holder() == identity, f"{point}: the Lease names {self.holder()}, not the process to kill"
         self.controllers.kill(self.leader)
         self.kills.append(point)
-        self.leader = self.controllers.start("--lease-seconds=2")
+        self.leader = self.start()
 
     def jobs(self) -> dict[str, client.V1Job]:
         found = {j.metadata.name: j for j in client.BatchV1Api(self.api).list_namespaced_job(
@@ -269,7 +295,7 @@ def run_with_leader_kills(chaos: Chaos, cluster: Cluster, api: client.ApiClient,
             assert not c.recorded(t, "train")
             c.kill(f"i{t}: training Complete, lineage not written")
         # 6. Lineage written, status not patched: the new leader runs in slices until the record is in S3.
-        leader = c.freeze()
+        leader = c.freeze(reconciled=False)
         c.step_until(leader, lambda t=t: c.recorded(t, "train"))  # type: ignore[misc]
         if c.status_reports(t):
             c.missed.append(f"i{t}: status patched within the same slice as the lineage write")
