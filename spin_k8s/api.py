@@ -11,6 +11,7 @@ turns into a Failed condition.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import importlib.resources
 from dataclasses import dataclass, field
@@ -253,3 +254,66 @@ def parse(obj: dict[str, Any], images: Images = DEFAULT_IMAGES) -> SpinRun:
         status=dict(obj.get("status") or {}),
         resumes=resumes, deleting=meta.get("deletionTimestamp") is not None,
     )
+
+
+# The errors after which the API server skips a CRD's CEL rules ("some validation rules were not checked
+# because the object was invalid"): a rule cannot be evaluated on a value of the wrong type or shape.
+_CEL_BLOCKING = frozenset({"type", "enum", "required", "maxLength", "maxItems", "maxProperties"})
+
+
+def cel_blocked(obj: dict[str, Any]) -> bool:
+    """Whether the API server would skip the CEL rules (mirrored in :func:`semantic_errors`) for ``obj``,
+    which may then not be evaluated offline either."""
+    validator = jsonschema.Draft4Validator(schema())
+    return any(err.validator in _CEL_BLOCKING for err in validator.iter_errors(obj))
+
+
+OPEN_SCHEMA: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}  # anything goes below
+
+
+def field_schema(node: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The schema of field ``name`` of an object described by ``node``; None where ``node`` does not declare
+    the field (the API server drops it, or refuses it under strict field validation); :data:`OPEN_SCHEMA` where
+    ``node`` leaves its fields free (``x-kubernetes-preserve-unknown-fields``, or ``metadata``, an object
+    without declared properties)."""
+    extra = node.get("additionalProperties")
+    props = node.get("properties")
+    if node.get("x-kubernetes-preserve-unknown-fields") or (props is None and not isinstance(extra, dict)):
+        return OPEN_SCHEMA
+    if props is not None and name in props:
+        result: dict[str, Any] = props[name]
+        return result
+    return extra if isinstance(extra, dict) else None
+
+
+@dataclass(frozen=True)
+class UnknownField:
+    """A field the schema does not declare: where it is, and the names declared next to it."""
+
+    path: tuple[str | int, ...]  # from the root of the value checked
+    known: tuple[str, ...]
+
+    def suggestion(self) -> str | None:
+        """The declared name closest to the unknown one (``learningrate`` -> ``learningRate``), if any is close."""
+        name = str(self.path[-1])
+        by_lower = {k.lower(): k for k in self.known}
+        close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+        return by_lower[close[0]] if close else None
+
+
+def unknown_fields(value: Any, node: dict[str, Any] | None = None,
+                   path: tuple[str | int, ...] = ()) -> list[UnknownField]:
+    """Every field of ``value`` that ``node`` (default: the SpinRun schema) does not declare, in order."""
+    node = schema() if node is None else node
+    found: list[UnknownField] = []
+    if isinstance(value, dict) and node.get("type", "object") == "object":
+        for name, item in value.items():
+            sub = field_schema(node, str(name))
+            if sub is None:
+                found.append(UnknownField((*path, str(name)), tuple(node.get("properties") or ())))
+            elif sub is not OPEN_SCHEMA:
+                found += unknown_fields(item, sub, (*path, str(name)))
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        for i, item in enumerate(value):
+            found += unknown_fields(item, node["items"], (*path, i))
+    return found

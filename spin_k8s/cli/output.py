@@ -43,14 +43,35 @@ def _number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
-def runs_table(runs: list[dict[str, Any]], now: datetime.datetime, all_namespaces: bool = False) -> str:
+def without_managed_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """An object as ``kubectl get -o yaml`` shows it: without ``metadata.managedFields`` (server bookkeeping)."""
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
+    return {**obj, "metadata": meta} if "metadata" in obj else obj
+
+
+def as_list(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Objects as ``kubectl get -o json`` prints several: one List."""
+    return {"apiVersion": "v1", "kind": "List", "items": [without_managed_fields(i) for i in items]}
+
+
+def run_message(status: dict[str, Any]) -> str:
+    """What the run is doing or why it ended: the message of its condition that holds."""
+    return next((c["message"] for c in status.get("conditions") or [] if c.get("status") == "True"
+                 and c.get("message")), "")
+
+
+def runs_table(runs: list[dict[str, Any]], now: datetime.datetime, all_namespaces: bool = False,
+               wide: bool = False) -> str:
+    """``spinctl list``: kubectl's columns for SpinRuns (ITERATION counts from 0, ITERATIONS is the total),
+    and the reason; ``wide`` adds the model and the run's message."""
     rows = []
     for r in runs:
         status, meta = r.get("status") or {}, r["metadata"]
         row = [meta["name"], status.get("iteration", 0), r["spec"].get("iterations"), status.get("phase", "Pending"),
                status.get("reason"), age(meta.get("creationTimestamp"), now)]
+        row += [r["spec"].get("model"), run_message(status)] if wide else []
         rows.append([meta.get("namespace"), *row] if all_namespaces else row)
-    headers = ["name", "iteration", "of", "phase", "reason", "age"]
+    headers = ["name", "iteration", "iterations", "phase", "reason", "age", *(["model", "message"] if wide else [])]
     return table(["namespace", *headers] if all_namespaces else headers, rows)
 
 
@@ -73,7 +94,7 @@ def run_status(run: dict[str, Any], jobs: list[dict[str, Any]], now: datetime.da
     meta, spec, status = run["metadata"], run["spec"], run.get("status") or {}
     phase = status.get("phase", "Pending")
     cond = {c["type"]: c for c in status.get("conditions") or []}
-    message = next((c.get("message") for c in cond.values() if c.get("status") == "True" and c.get("message")), "")
+    message = run_message(status)
     lines = [
         f"Name:        {meta['name']}",
         f"Namespace:   {meta.get('namespace', '')}",
@@ -110,11 +131,18 @@ def run_status(run: dict[str, Any], jobs: list[dict[str, Any]], now: datetime.da
     return "\n".join(lines)
 
 
+def elapsed(seconds: float) -> str:
+    """``[mm:ss]`` since a wait began."""
+    whole = int(seconds)
+    return f"[{whole // 60:02d}:{whole % 60:02d}]"
+
+
 def progress_line(run: dict[str, Any], jobs: list[dict[str, Any]]) -> str:
-    """One line of ``--wait`` progress: iteration, phase, and the current Job's pods done."""
+    """One line of ``spinctl wait`` progress: the iteration (counted from 0, as everywhere), the phase, and the
+    current Job's pods done: ``demo: iteration 0 of 2 Generating, shards done 1/2``."""
     status, spec = run.get("status") or {}, run["spec"]
     phase, t = status.get("phase", "Pending"), int(status.get("iteration", 0))
-    line = f"{run['metadata']['name']}: iteration {t + 1}/{spec.get('iterations')} {phase}"
+    line = f"{run['metadata']['name']}: iteration {t} of {spec.get('iterations')} {phase}"
     role = {"Generating": naming.GENERATE, "Training": naming.TRAIN}.get(phase)
     current = [j for j in jobs if j["iteration"] == t and j["role"] == role]
     if current:
@@ -126,6 +154,27 @@ def progress_line(run: dict[str, Any], jobs: list[dict[str, Any]]) -> str:
     if status.get("reason"):
         line += f" ({status['reason']})"
     return line
+
+
+_STEP = ("step", "loss", "rewards/accuracies", "rewards/margins", "tokens/s")
+
+
+def log_line(line: str) -> str:
+    """One line of a worker's log, readable: a training step as its loss, reward accuracy, margin and
+    throughput; another JSON event as its name and fields; anything else (a traceback, a library's own
+    output) as written."""
+    try:
+        fields = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(fields, dict) or "event" not in fields:
+        return line
+    event = fields.pop("event")
+    if event == "step" and all(isinstance(fields.get(k), int | float) for k in _STEP):
+        return (f"step {fields['step']}: loss {fields['loss']:.4f}, "
+                f"reward accuracy {fields['rewards/accuracies']:.2f}, margin {fields['rewards/margins']:+.3f}, "
+                f"{fields['tokens/s']:.0f} tokens/s")
+    return f"{event}: " + ", ".join(f"{k}={_number(v)}" for k, v in fields.items())
 
 
 def lineage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ Commands stack the options defined here; nothing else in the CLI loads a kubecon
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -76,6 +77,10 @@ class Session:
     def core(self) -> client.CoreV1Api:
         return client.CoreV1Api(self.api)
 
+    def secret(self, name: str) -> dict[str, str]:
+        """A Secret's data in this namespace, decoded; ApiException (404, 403...) as the server answered."""
+        found = self.core.read_namespaced_secret(name, self.namespace)
+        return {k: base64.b64decode(v).decode() for k, v in (found.data or {}).items()}
 
 
 def cluster_options(f: F) -> F:
@@ -97,10 +102,19 @@ def cluster_options(f: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _output(f: F, choices: tuple[str, ...]) -> F:
+    return click.option("-o", "--output", "fmt", type=click.Choice(choices), default="table", show_default=True,
+                        help="output format")(f)
+
+
 def output_option(f: F) -> F:
     """-o/--output table|json|yaml; the command receives ``fmt``."""
-    return click.option("-o", "--output", "fmt", type=click.Choice(OUTPUTS), default="table", show_default=True,
-                        help="output format")(f)
+    return _output(f, OUTPUTS)
+
+
+def list_output_option(f: F) -> F:
+    """-o/--output table|wide|json|yaml|name, as ``kubectl get`` takes; the command receives ``fmt``."""
+    return _output(f, ("table", "wide", "json", "yaml", "name"))
 
 
 def api_error(e: ApiException) -> str:
@@ -124,6 +138,8 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except BrokenPipeError:  # `spinctl logs NAME | head`: click leaves quietly when the reader has gone
             raise
         except Exception as e:
             if ctx.params.get("debug"):

@@ -67,7 +67,7 @@ def test_dry_run_json_is_a_list_and_name_output_lists_objects(spec_file: Path) -
     (["--set", "training.maxPromptLength=2048"], "spec.training.maxPromptLength: must be below"),
     (["--name", "x" * 41], "metadata.name: must be at most 40 characters"),
     (["--set", "nonsense"], "--set 'nonsense': expected key=value"),
-    (["--set", "storage.uri.x=1"], "--set storage.uri.x: uri is not an object"),
+    (["--set", "storage.uri.x=1"], "--set storage.uri.x: storage.uri is a string, it has no field 'x'"),
 ])
 def test_bad_input_is_one_line_naming_the_field(spec_file: Path, args: list[str], expected: str) -> None:
     assert expected in one_line_error(spinctl("start", "-f", str(spec_file), "--dry-run", *args))
@@ -77,7 +77,7 @@ def test_a_file_of_another_kind_or_missing_fields_is_refused(tmp_path: Path) -> 
     other = tmp_path / "job.yaml"
     other.write_text(yaml.safe_dump({"kind": "Job", "spec": {}}))
     assert "kind is 'Job', expected SpinRun" in one_line_error(spinctl("start", "-f", str(other), "--dry-run"))
-    assert "spec.model: Required value" in one_line_error(spinctl("start", "--dry-run", "--iterations", "1"))
+    assert "--model is required (spec.model)" in one_line_error(spinctl("start", "--dry-run", "--iterations", "1"))
 
 
 def test_no_cluster_is_one_line(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def _flags() -> list[str]:
 
 def test_completion_script_and_help_examples() -> None:
     assert "_SPINCTL_COMPLETE" in spinctl("completion", "bash").output
-    for command in ("start", "list", "status", "logs", "cancel", "resume", "delete", "lineage", "completion"):
+    for command in ("start", "wait", "list", "status", "logs", "cancel", "resume", "delete", "lineage", "completion"):
         assert "Examples:" in spinctl(command, "--help").output, command
 
 
@@ -149,7 +149,8 @@ def test_progress_line_names_the_current_job() -> None:
            "status": {"phase": "Training", "iteration": 2}}
     jobs = [{"iteration": 2, "role": "train", "attempt": a, "succeeded": s, "completions": 2}
             for a, s in ((0, 0), (1, 1))]
-    assert output.progress_line(run, jobs) == "demo: iteration 3/4 Training, nodes done 1/2, restart 1"
+    # Counted from 0, as status, Job names, logs --iteration and lineage count: the third of four iterations.
+    assert output.progress_line(run, jobs) == "demo: iteration 2 of 4 Training, nodes done 1/2, restart 1"
 
 
 def test_demo_passes_its_arguments_to_the_demo(tmp_path: Path) -> None:
