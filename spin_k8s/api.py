@@ -14,6 +14,7 @@ import copy
 import difflib
 import functools
 import importlib.resources
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "SpinRun"
 PLURAL = "spinruns"
 MAX_NAME_LENGTH = 40
+# Run names become Service names and pod hostnames (`{job}-0.{service}`): a DNS-1035 label, as the CRD says.
+_DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 RESUME_ANNOTATION = f"{GROUP}/resume"  # an integer bumped by `spinctl resume`: each grants a new restart budget
 
 
@@ -229,6 +232,9 @@ def semantic_errors(obj: dict[str, Any]) -> list[str]:
     name = obj.get("metadata", {}).get("name", "")
     if len(name) > MAX_NAME_LENGTH:
         errors.append(f"metadata.name: must be at most {MAX_NAME_LENGTH} characters (got {len(name)})")
+    if name and not _DNS_1035.fullmatch(name):
+        errors.append(f"metadata.name: {name!r} is not a DNS-1035 label (lowercase letters, digits and '-', "
+                      "starting with a letter and ending with a letter or digit)")
     spec = obj.get("spec") or {}
     iterations = spec.get("iterations", 0)
     for i, o in enumerate(spec.get("iterationOverrides") or []):

@@ -437,6 +437,10 @@ def test_invalid_spinruns_are_rejected_naming_the_field_and_create_nothing(
     with pytest.raises(ApiException) as refused:
         objects.create_namespaced_custom_object(G, V, namespace, P, long_name)
     assert refused.value.status == 422 and "at most 40 characters" in refused.value.body
+    for name in ("run.v2", "7run"):  # legal object names, but no Service or pod hostname can derive from them
+        with pytest.raises(ApiException) as refused:
+            objects.create_namespaced_custom_object(G, V, namespace, P, valid(name))
+        assert refused.value.status == 422 and "must be a DNS-1035 label" in refused.value.body, name
     # A valid run created afterwards is reconciled by that controller (so it was watching), and then deleted.
     create_run(api, namespace, spin_run("witness", assets, s3_server, bucket, suspend=True))
     controllers.wait_phase(api, "witness", "Suspended", 60)

@@ -42,6 +42,15 @@ def test_long_name_is_refused() -> None:
     assert any("metadata.name" in e for e in api.semantic_errors(valid("x" * 41)))
 
 
+@pytest.mark.parametrize("name", ["run.v2", "7run", "Demo", "run-", "run_1"])
+def test_a_name_that_is_no_dns_1035_label_is_refused(name: str) -> None:
+    """Legal object names that would make invalid pod hostnames or Service names."""
+    assert [e for e in api.semantic_errors(valid(name)) if "is not a DNS-1035 label" in e] == [
+        f"metadata.name: {name!r} is not a DNS-1035 label (lowercase letters, digits and '-', starting with a "
+        "letter and ending with a letter or digit)"]
+    assert api.semantic_errors(valid("run-v2")) == []
+
+
 def test_unset_worker_images_come_from_the_controller_defaults() -> None:
     obj = api.load_defaulted(valid("imgs"))
     assert "generate" not in obj["spec"]["images"]  # the CRD leaves them to the controller

@@ -46,14 +46,18 @@ def test_down_stops_the_environment_of_its_directory_and_waits(tmp_path: Path, m
     first, second = stand_in(tmp_path / "first"), stand_in(tmp_path / "second")
     began = time.monotonic()
     assert testenv.main(["down", "--dir", str(tmp_path / "second")]) == 0
-    assert time.monotonic() - began >= 1 and second.poll() is not None  # returned once it had stopped
+    # Returned once it had stopped: its pidfile (removed last thing before exit) is gone, after its 1 s shutdown.
+    # (poll() is no witness: the reaper thread may hold the Popen lock while waiting, and poll() says None.)
+    assert time.monotonic() - began >= 1 and not (tmp_path / "second" / testenv.PIDFILE).exists()
+    assert second.wait(5) == 0
     assert first.poll() is None  # the other environment runs on
     assert capsys.readouterr().out.splitlines()[-1] == "stopped"
     assert testenv.main(["down", "--dir", str(tmp_path / "second")]) == 1  # nothing runs there any more
     # Without --dir: the one environment running in a temporary directory.
     monkeypatch.setattr(testenv, "TEMP_PREFIX", "fir")
     monkeypatch.setattr(testenv.tempfile, "gettempdir", lambda: str(tmp_path))
-    assert testenv.main(["down"]) == 0 and first.poll() is not None
+    assert testenv.main(["down"]) == 0 and not (tmp_path / "first" / testenv.PIDFILE).exists()
+    assert first.wait(5) == 0
     assert testenv.main(["down"]) == 1
     assert "no test environment is running" in capsys.readouterr().err
 
