@@ -66,7 +66,7 @@ def warm_up(model_dir: Path, rows: list[dict[str, str]], steps: int) -> None:
     examples = []  # (input ids, labels): the prompt is context only (-100), the response is learnt
     for row in rows:
         prompt = data.encode_prompt(tok, row["prompt"], MAX_PROMPT_LENGTH)
-        response = data.encode_response(tok, row["response"], MAX_LENGTH - len(prompt))
+        response = data.encode_response(tok, row["prompt"], row["response"], MAX_LENGTH - len(prompt))
         examples.append((prompt + response, [-100] * len(prompt) + response))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
@@ -102,8 +102,8 @@ def make_synthetic(model_dir: Path, data_path: Path, out: Path) -> tuple[Path, l
     engine = generate.TransformersEngine(model_dir, settings, tok)
     prompts = [data.encode_prompt(tok, r.prompt, MAX_PROMPT_LENGTH) for r in rows]
     responses: list[str | list[int]] = [*(r.real for r in rows), *(r.generated_ids for r in rows)]
-    sequences = [p + data.encode_response(tok, resp, MAX_LENGTH - len(p))
-                 for p, resp in zip(prompts * 2, responses, strict=True)]
+    sequences = [p + data.encode_response(tok, r.prompt, resp, MAX_LENGTH - len(p))
+                 for p, r, resp in zip(prompts * 2, rows * 2, responses, strict=True)]
     scores = engine.score(sequences, [len(p) for p in prompts * 2])
     rows = [dataclasses.replace(r, ref_real_logp=scores[k], ref_generated_logp=scores[len(rows) + k])
             for k, r in enumerate(rows)]

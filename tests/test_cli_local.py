@@ -20,7 +20,9 @@ def test_start_local_then_status_and_lineage(tmp_path: Path) -> None:
     run = CliRunner().invoke(main, [
         "start", "-f", str(EXAMPLE), "--name", "here", "--local", str(tmp_path / "work"), "--iterations", "1",
         "--model", f"file://{assets.model_dir}", "--dataset", f"file://{assets.data_path}",
-        "--storage", f"file://{tmp_path}/store"], catch_exceptions=False)
+        "--storage", f"file://{tmp_path}/store",
+        "--set", "generation.engine=transformers"],  # vLLM is not under test here: skip its start-up on CPU
+        catch_exceptions=False)
     assert run.exit_code == 0, run.output
     assert "here-i0-gen[1] shard written: 8 rows" in run.output
     assert run.output.splitlines()[-1].startswith("here: Succeeded (Completed); lineage: file://")

@@ -513,5 +513,5 @@ def test_kubectl_shows_iteration_phase_and_age(cluster: Cluster, reference: Fini
     out = subprocess.run([str(tools.kube_binary("kubectl")), f"--kubeconfig={cluster.kubeconfig}", "-n",
                           reference.namespace, "get", "spin"], capture_output=True, text=True, check=True)
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "ITERATION", "OF", "PHASE", "AGE"]
+    assert lines[0].split() == ["NAME", "ITERATION", "ITERATIONS", "PHASE", "AGE"]
     assert lines[1].split()[:4] == ["demo", "1", "2", "Succeeded"]

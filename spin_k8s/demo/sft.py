@@ -1,9 +1,9 @@
 """Supervised fine-tuning for the demo: the weak starting model, and the continued-SFT baseline SPIN is
 compared with.
 
-A plain single-process torch loop over (prompt, response) pairs: prompts are built with the workers' own
-template (``data.encode_prompt``, ``data.encode_response``), so the SFT model sees exactly the prompt tokens
-generation and SPIN training will feed it; prompt tokens are masked out of the loss, which is the mean
+A plain single-process torch loop over (prompt, response) pairs tokenized by the workers' own functions
+(``data.encode_prompt``, ``data.encode_response``), so the SFT model sees exactly the prompt and answer tokens
+generation and SPIN training will feed and score; prompt tokens are masked out of the loss, which is the mean
 negative log-likelihood of the response tokens (``loss.sequence_logps``). AdamW, linear warmup then linear
 decay (the trainer's ``linear_schedule``); the data order is ``batching.epoch_order`` of the seed, so a run
 is a deterministic function of its inputs.
@@ -59,7 +59,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]],
     out = []
     for prompt, response in pairs:
         p = data.encode_prompt(tokenizer, prompt, max_prompt_length)
-        out.append(Encoded(p + data.encode_response(tokenizer, response, max_length - len(p)), len(p)))
+        out.append(Encoded(p + data.encode_response(tokenizer, prompt, response, max_length - len(p)), len(p)))
     return out
 
 

@@ -3,9 +3,10 @@
 Flow: ``load_sft`` reads the human pairs (JSONL or Parquet, chat-shaped or prompt/response rows) ->
 the generation worker turns prompts into token ids with ``encode_prompt`` and writes shards of
 ``SyntheticRow`` -> the training worker reads the mixed shards (``mix``, ``load_synthetic``) and tokenizes each
-pair with ``encode_prompt`` + ``encode_response``. Because both workers call the same two functions,
-generation and training see the same prompt tokens (the original SPIN code did not: its generation prompt
-was a plain "### Instruction" text while training used the chat template).
+pair with ``encode_prompt`` + ``encode_response``. Because both workers (and the demo's SFT) call the same two
+functions, they see the same prompt tokens (the original SPIN code did not: its generation prompt was a plain
+"### Instruction" text while training used the chat template), and a human answer is tokenized in its
+conversation, as the sampled answers are, never on its own.
 
 This module imports no ML framework at import time: the controller may use ``mix`` and the shard names.
 """
@@ -164,14 +165,38 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_le
     return ids[-max_prompt_length:]
 
 
-def encode_response(tokenizer: PreTrainedTokenizerBase, response: str | Sequence[int], room: int) -> list[int]:
-    """Response ids followed by the end-of-turn token, cut to ``room`` tokens: exactly what training scores.
+def encode_response(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str | Sequence[int],
+                    room: int) -> list[int]:
+    """The answer to ``prompt`` followed by the end-of-turn token, cut to ``room`` tokens: exactly what training
+    scores after ``encode_prompt``'s tokens.
 
-    ``response`` is text (a human answer) or the token ids a generation engine sampled (scored as sampled,
-    not re-tokenized from the decoded text).
+    ``response`` is the token ids a generation engine sampled after those prompt tokens (scored as sampled, not
+    re-tokenized from the decoded text), or text: a human answer. Text is tokenized in its conversation: the
+    tokens of the templated prompt followed by the answer, less the templated prompt's own tokens (as TRL's DPO
+    tokenization did). Alone, an answer tokenizes differently under SentencePiece-style tokenizers (Llama 2,
+    Mistral, zephyr): it opens with a dummy-prefix token ("▁Hello") that never follows the assistant header in
+    the model's own text ("Hello"), a feature that would tell every human answer from the sampled ones.
+
+    The prompt's tokens are counted before ``max_prompt_length`` cuts them: the cut only drops the prompt's
+    front, so it never changes the answer's tokens.
+
+    DataError when the templated prompt's tokens are not a prefix of the whole's: the tokenizer joins the
+    prompt's last characters and the answer's first into one token (a template ending in a space, an answer
+    opening with a newline a byte-level vocabulary joins to the template's). No token sequence then continues
+    the prompt tokens the pair shares and reads the conversation as the tokenizer does. Cutting at the longest
+    common prefix would give the human answer another prompt than the sampled one, or score part of the prompt
+    as answer: a separable feature again. So the row is refused, with the seam in the message.
     """
     if isinstance(response, str):
-        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        context = prompt_text(tokenizer, prompt)
+        head: list[int] = tokenizer(context, add_special_tokens=False)["input_ids"]
+        whole: list[int] = tokenizer(context + response, add_special_tokens=False)["input_ids"]
+        if whole[:len(head)] != head:
+            raise DataError(f"the answer {response[:40]!r} to the prompt {prompt[:40]!r} does not tokenize as a "
+                            f"continuation of the prompt: the tokenizer joins the template's end "
+                            f"{context[-20:]!r} with the answer's start; strip the answer's leading whitespace "
+                            f"or end the template's generation prompt with a special token")
+        ids = whole[len(head):]
     else:
         ids = list(response)
     eos = tokenizer.eos_token_id

@@ -277,8 +277,8 @@ def run(settings: GenerateSettings, engine: Engine | None = None) -> int:
         if settings.score_reference and examples:
             # Scored exactly as training will tokenize them: real rows first, then generated ones.
             responses: list[str | list[int]] = [*(ex.response for ex in examples), *generated]
-            sequences = [p + data.encode_response(tokenizer, r, settings.max_length - len(p))
-                         for p, r in zip(prompts * 2, responses, strict=True)]
+            sequences = [p + data.encode_response(tokenizer, ex.prompt, r, settings.max_length - len(p))
+                         for ex, p, r in zip(examples * 2, prompts * 2, responses, strict=True)]
             scores = engine.score(sequences, [len(p) for p in prompts * 2])
             ref_real, ref_generated = list(scores[:len(examples)]), list(scores[len(examples):])
     finally:

@@ -2,8 +2,9 @@
 
 The tokenizer is a byte-level BPE trained with ``tokenizers`` on the dataset's own text, with special tokens
 for the roles and the end of a turn, wrapped in ``PreTrainedTokenizerFast`` with a Jinja chat template saved
-next to it. The model is a small Llama built with ``from_config``. Everything is a deterministic function of
-the seed, so two calls with the same arguments write byte-identical files.
+next to it (``build_tokenizer`` also makes a SentencePiece-style one, for tokenization tests). The model is a
+small Llama built with ``from_config``. Everything is a deterministic function of the seed, so two calls with
+the same arguments write byte-identical files.
 
     python -m spin_k8s.workers.tiny --output /tmp/tiny --rows 64 --seed 0
 """
@@ -83,16 +84,29 @@ def write_sft_dataset(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``, with the chat template set."""
+def build_tokenizer(texts: list[str], vocab_size: int, metaspace: str | None = None) -> PreTrainedTokenizerFast:
+    """A BPE ``PreTrainedTokenizerFast`` trained on ``texts``, with the chat template set.
+
+    Byte-level (GPT-2 style) by default. With ``metaspace`` ("first" or "always", the prepend scheme), a
+    SentencePiece-style one as Llama 2 and Mistral ship it: spaces become "▁" and a dummy "▁" opens the text
+    (each text between special tokens, for "always"), so an answer tokenized on its own starts differently
+    than in its conversation; for the tests of that. Its alphabet is the characters of ``texts`` plus the
+    template's newline, without byte fallback: other characters are dropped.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
+    if metaspace is None:
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        bpe.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=metaspace, split=False)
+        bpe.decoder = decoders.Metaspace(prepend_scheme=metaspace, split=False)
+        alphabet = ["\n"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=alphabet, show_progress=False)
     bpe.train_from_iterator(texts, trainer)
     tok = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=bpe, pad_token="<|pad|>", eos_token="<|end|>",

@@ -6,11 +6,24 @@ torchrun (rank, world size and local rank come from the environment torchrun set
         --synthetic 0=s3://b/run/iter-0/synthetic --iteration 0 --output s3://b/run/iter-1/model \\
         --checkpoint-dir s3://b/run/iter-0/checkpoints --checkpoint-every 100
 
-Flow: read the mixed synthetic sets -> tokenize pairs with the generation worker's template -> fill the
-reference log-probs the shards do not carry (one no-grad pass of the initial model, before any update) ->
-resume from the latest DeepSpeed checkpoint, if any -> train (forward, SPIN loss, backward, step, log,
-checkpoint) -> optional held-out evaluation -> Hugging Face checkpoint + tokenizer, then ``metrics.json``
-last. An output that already has ``metrics.json`` is finished: a rerun exits 0 at once.
+Flow: read the mixed synthetic sets -> tokenize pairs with the generation worker's template -> check the
+reference log-probs the shards carry on a sample against the trainer's own forward, and distrust them all if
+they disagree -> fill the reference log-probs still missing (one no-grad pass of the initial model, before any
+update: at step 0 the policy is the reference) -> resume from the latest DeepSpeed checkpoint, if any -> train
+(forward, SPIN loss, backward, step, log, checkpoint) -> optional held-out evaluation -> Hugging Face checkpoint
++ tokenizer, then ``metrics.json`` last. An output that already has ``metrics.json`` is finished: a rerun exits 0
+at once.
+
+The reference check: a generation engine's log-probs (vLLM's kernels, often bf16, maybe another torch) differ
+from the trainer's, and any error enters the loss as beta times the margin error. So before step 0 the trainer
+rescores a seeded sample of the pairs with shard values (``--reference-check-pairs``, 256) and records the
+per-sequence differences and the beta-scaled margin differences in ``metrics.json`` (``reference_check``,
+which the controller copies into lineage). When the mean beta-scaled margin difference exceeds
+``--reference-tolerance`` (0.05 in units of the loss's logit beta * margin: it moves a pair's step-0 loss weight
+sigmoid(-beta * margin) by about a hundredth), every reference log-prob is recomputed by the trainer. fp32
+engines agree with the trainer within about 1e-4 nats per sequence and pass by far; bf16 ones (8 bits of mantissa)
+may drift by tenths of a nat over a long answer, which beta 0.1 scales to a few hundredths and the paper's
+beta 5.0 to more than 1: the default accepts the first and refuses the second.
 
 Run as a plain ``python -m`` process it trains alone (world size 1).
 """
@@ -25,6 +38,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import socket
 import sys
@@ -73,6 +87,8 @@ class TrainSettings:
     max_grad_norm: float  # 0 disables clipping
     gradient_checkpointing: bool
     reference: str  # precomputed (shards, else one pass before training) | live (a frozen model copy)
+    reference_check_pairs: int  # pairs with shard reference log-probs rescored before step 0; 0: none
+    reference_tolerance: float  # largest mean beta * |margin difference| trusted, in units of the loss's logit
     seed: int
     cache_dir: Path
 
@@ -157,9 +173,13 @@ def load_pairs(uris: Sequence[str], tokenizer: PreTrainedTokenizerBase, s: Train
             room = s.max_length - len(prompt)
             trusted = (record.scored and record.model_digest == ref_digest
                        and (record.max_length, record.max_prompt_length) == (s.max_length, s.max_prompt_length))
+            try:
+                real = data.encode_response(tokenizer, row.prompt, row.real, room)
+            except data.DataError as exc:
+                raise data.DataError(f"{uri}: row {row.id}: {exc}") from exc
             pairs.append(batching.Pair(
-                real=prompt + data.encode_response(tokenizer, row.real, room),
-                generated=prompt + data.encode_response(tokenizer, row.generated_ids, room),
+                real=prompt + real,
+                generated=prompt + data.encode_response(tokenizer, row.prompt, row.generated_ids, room),
                 prompt_len=len(prompt),
                 ref_real=row.ref_real_logp if trusted else None,
                 ref_generated=row.ref_generated_logp if trusted else None,
@@ -197,6 +217,33 @@ def score_pairs(model: Callable[..., Any], pairs: Sequence[batching.Pair], todo:
     gathered: list[dict[int, tuple[float, float]]] = [{} for _ in range(dist.world_size)]
     torch.distributed.all_gather_object(gathered, found)
     return {i: v for part in gathered for i, v in part.items()}
+
+
+def check_reference(model: Callable[..., Any], pairs: Sequence[batching.Pair], s: TrainSettings, dist: Dist,
+                    pad_id: int, device: torch.device) -> dict[str, Any] | None:
+    """Rescores a seeded sample of the pairs that carry shard reference log-probs with the model's own forward
+    (before the first step the policy is the reference) and compares: absolute differences per sequence, and
+    of the margin the loss sees, beta * |(shard real - shard generated) - (own real - own generated)|; max and
+    mean of each. ``fallback``: the mean margin difference exceeds the tolerance, so no shard value is to be
+    trusted. None when no pair carries shard values or the check is off.
+
+    Every rank draws the same sample and receives every score (``score_pairs``): all reach the same decision.
+    """
+    import torch
+
+    pool = [i for i, p in enumerate(pairs) if p.ref_real is not None]
+    if not pool or not s.reference_check_pairs:
+        return None
+    sample = sorted(random.Random(s.seed).sample(pool, min(s.reference_check_pairs, len(pool))))
+    own = score_pairs(model, pairs, sample, dist, s.micro_batch_size, pad_id, device)
+    shard = torch.tensor([(pairs[i].ref_real, pairs[i].ref_generated) for i in sample], dtype=torch.float64)  # (N, 2)
+    mine = torch.tensor([own[i] for i in sample], dtype=torch.float64)  # (N, 2)
+    sequence = (shard - mine).abs()  # (N, 2)
+    margin = s.beta * ((shard[:, 0] - shard[:, 1]) - (mine[:, 0] - mine[:, 1])).abs()  # (N,)
+    return {"pairs": len(sample), "tolerance": s.reference_tolerance,
+            "logp_abs_diff/max": sequence.max().item(), "logp_abs_diff/mean": sequence.mean().item(),
+            "beta_margin_abs_diff/max": margin.max().item(), "beta_margin_abs_diff/mean": margin.mean().item(),
+            "fallback": margin.mean().item() > s.reference_tolerance}
 
 
 def with_reference(pairs: list[batching.Pair], scores: Mapping[int, tuple[float, float]]) -> list[batching.Pair]:
@@ -363,20 +410,29 @@ def train(s: TrainSettings) -> int:
     if ref_model is not None:
         ref_model.to(engine.device)
 
-    # Reference log-probs the shards do not carry: the policy has not moved yet, so it is the reference.
-    ref_counts = {"precomputed": sum(p.ref_real is not None for p in pairs), "live": 0, "first_pass": 0}
+    # Reference log-probs: the shards' are checked on a sample and dropped if they disagree with the trainer's
+    # own forward; the missing ones come from one pass of the policy, which has not moved yet: the reference.
     if s.reference == "live":
-        ref_counts.update(precomputed=0, live=len(pairs))
         pairs = [replace(p, ref_real=None, ref_generated=None) for p in pairs]
     everything = [*pairs, *eval_pairs]
+    engine.eval()
+    check = check_reference(engine, everything, s, dist, pad_id, engine.device)
+    if check is not None and dist.rank == 0:
+        runtime.log(event="reference_check", **check)
+    if check is not None and check["fallback"]:
+        if dist.rank == 0:
+            runtime.log(event="reference_fallback", pairs=len(everything),
+                        reason=f"mean beta-scaled margin difference {check['beta_margin_abs_diff/mean']:.4g} > "
+                               f"--reference-tolerance {s.reference_tolerance}: the trainer scores every pair itself")
+        everything = [replace(p, ref_real=None, ref_generated=None) for p in everything]
     todo = [i for i, p in enumerate(everything) if p.ref_real is None and (s.reference != "live" or i >= len(pairs))]
+    ref_counts = {"precomputed": sum(p.ref_real is not None for p in everything[:len(pairs)]),
+                  "live": len(pairs) if s.reference == "live" else 0, "first_pass": sum(i < len(pairs) for i in todo)}
     if todo:
-        engine.eval()
-        scores = score_pairs(engine, everything, todo, dist, s.micro_batch_size, pad_id, engine.device)
-        engine.train()
-        everything = with_reference(everything, scores)
-        pairs, eval_pairs = everything[:len(pairs)], everything[len(pairs):]
-        ref_counts["first_pass"] = sum(i < len(pairs) for i in todo)
+        everything = with_reference(everything, score_pairs(engine, everything, todo, dist, s.micro_batch_size,
+                                                            pad_id, engine.device))
+    engine.train()
+    pairs, eval_pairs = everything[:len(pairs)], everything[len(pairs):]
 
     start, history = restore(engine, s, dist)
     if dist.rank == 0:
@@ -425,7 +481,7 @@ def train(s: TrainSettings) -> int:
 
     summary: dict[str, Any] = {
         "iteration": s.iteration, "steps": steps, "pairs": len(pairs), "global_batch": global_batch,
-        "world_size": dist.world_size, "reference": ref_counts,
+        "world_size": dist.world_size, "reference": ref_counts, "reference_check": check,
         "final": history[-1] if history else {},
         "tokens/s": sum(h["tokens"] for h in history) / max(sum(h["seconds"] for h in history), 1e-9),
         "eval": evaluate(engine, eval_pairs, s, dist, pad_id) if eval_pairs else None,
@@ -498,6 +554,14 @@ def parser() -> argparse.ArgumentParser:
     a("--reference", choices=("precomputed", "live"), default="precomputed",
       help="reference log-probs: precomputed = from the shards where the opponent scored them, the rest in one "
       "pass before training; live = a frozen model copy every step (default precomputed; example: live)")
+    a("--reference-check-pairs", type=int, default=256, help="pairs whose shard reference log-probs are rescored "
+      "by the trainer before step 0 and compared (seeded sample; all if fewer); 0 = trust the shards unchecked "
+      "(default 256; example: 1024)")
+    a("--reference-tolerance", type=float, default=0.05, help="largest mean, over the checked pairs, of "
+      "beta * |shard margin - trainer margin| (margin: real minus generated summed log-prob) in units of the "
+      "loss's logit; above it the trainer recomputes every reference log-prob. 0.05 moves a pair's step-0 loss "
+      "weight by about a hundredth: fp32 engines pass by far, bf16 ones pass at small beta and short answers "
+      "and fail at the paper's beta 5.0 (default 0.05; example: 0.2)")
     a("--seed", type=int, default=42, help="data order seed (default 42; example: 7)")
     a("--cache-dir", type=Path, default=None, help="local cache for models and checkpoint staging "
       "(default $SPIN_CACHE_DIR or /tmp/spin-cache; example: /cache)")
@@ -517,6 +581,8 @@ def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
         raise runtime.UsageError("need 0 <= --warmup-ratio < 1, --learning-rate > 0 and --beta > 0")
     if not 0 <= args.holdout_fraction < 1:
         raise runtime.UsageError("need 0 <= --holdout-fraction < 1")
+    if args.reference_check_pairs < 0 or args.reference_tolerance < 0:
+        raise runtime.UsageError("need --reference-check-pairs >= 0 and --reference-tolerance >= 0")
     if args.checkpoint_every and not args.checkpoint_dir:
         raise runtime.UsageError("--checkpoint-every needs --checkpoint-dir")
     return TrainSettings(
@@ -529,7 +595,8 @@ def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
         length_grouping=args.length_grouping,
         micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_length=args.max_length, max_prompt_length=args.max_prompt_length, max_grad_norm=args.max_grad_norm,
-        gradient_checkpointing=args.gradient_checkpointing, reference=args.reference, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, reference=args.reference,
+        reference_check_pairs=args.reference_check_pairs, reference_tolerance=args.reference_tolerance, seed=args.seed,
         cache_dir=args.cache_dir or runtime.default_cache_dir(),
     )
 

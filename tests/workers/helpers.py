@@ -60,13 +60,20 @@ def run_train(nproc: int, args: list[str], cache: Path, extra_env: dict[str, str
     return events(proc.stdout), proc.stdout
 
 
-def subset(source: Path, rows: int, out: Path, *, scored: bool) -> Path:
+def subset(source: Path, rows: int, out: Path, *, scored: bool, real_offset: float = 0.0) -> Path:
     """A one-shard synthetic set with the first ``rows`` rows of ``source``; ``scored=False`` drops the
-    reference log-probs so that training must compute them itself."""
+    reference log-probs so that training must compute them itself; ``real_offset`` (nats) is added to the
+    real answers' reference log-probs, as a faulty scoring engine would."""
     picked = [row for row, _ in data.load_synthetic(str(source)).rows[:rows]]
     record = data.load_synthetic(str(source)).rows[0][1]
     if not scored:
         picked = [dataclasses.replace(r, ref_real_logp=None, ref_generated_logp=None) for r in picked]
+    elif real_offset:
+        shifted = []
+        for r in picked:
+            assert r.ref_real_logp is not None
+            shifted.append(dataclasses.replace(r, ref_real_logp=r.ref_real_logp + real_offset))
+        picked = shifted
     body = "".join(r.to_json() + "\n" for r in picked).encode()
     storage.write_bytes(str(out / data.shard_name(0, 1)), body)
     done = dataclasses.replace(record, shard=0, num_shards=1, rows=rows, sha256=storage.sha256_bytes(body),

@@ -146,10 +146,10 @@ def test_prompt_template_and_truncation(tiny_assets: tiny.TinyAssets) -> None:
     cut = data.encode_prompt(tok, "What is 1 plus 2?", 4)
     assert cut == full[-4:] and tok.convert_ids_to_tokens(cut)[-2:] == ["<|assistant|>", "Ċ"]
 
-    response = data.encode_response(tok, "1 plus 2 is 3.", 100)
+    response = data.encode_response(tok, "What is 1 plus 2?", "1 plus 2 is 3.", 100)
     assert response[-1] == tok.eos_token_id and tok.decode(response[:-1]) == "1 plus 2 is 3."
-    assert data.encode_response(tok, [7, 8, 9], 100) == [7, 8, 9, tok.eos_token_id]
-    assert data.encode_response(tok, [7, 8, 9], 2) == [7, 8]
+    assert data.encode_response(tok, "What is 1 plus 2?", [7, 8, 9], 100) == [7, 8, 9, tok.eos_token_id]
+    assert data.encode_response(tok, "What is 1 plus 2?", [7, 8, 9], 2) == [7, 8]
 
 
 def test_load_synthetic_refuses_incomplete_or_tampered_sets(synthetic: Path, tmp_path: Path) -> None:

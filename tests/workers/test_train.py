@@ -1,10 +1,11 @@
 """The training worker as the Job runs it: two DeepSpeed processes on CPU under torchrun (gloo), a few steps
 of the tiny model on one fixed global batch of 4 pairs.
 
-Runs: ZeRO-0 and ZeRO-3 in fp32 (same losses, and a pinned loss curve), ZeRO-2 in bf16 with AdamW (learns),
-ZeRO-3 killed after its first checkpoint and resumed from S3, and ZeRO-3 resumed from a shared-path checkpoint
-(both bit for bit the uninterrupted ZeRO-3 run's final weights), and two single-process runs comparing
-precomputed reference log-probs with a live reference model.
+Runs: ZeRO-0 and ZeRO-3 in fp32 (same losses, and a pinned loss curve; the ZeRO-3 run's shard carries reference
+log-probs off by an offset, which its reference check must catch), ZeRO-2 in bf16 with AdamW (learns), ZeRO-3
+killed after its first checkpoint and resumed from S3, and ZeRO-3 resumed from a shared-path checkpoint (both bit
+for bit the uninterrupted ZeRO-3 run's final weights), and two single-process runs comparing precomputed
+reference log-probs (which pass the check) with a live reference model.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from spin_k8s.workers import tiny
 from .helpers import MAX_LENGTH, MAX_PROMPT_LENGTH, events, run_train, subset, train_command, worker_env
 
 STEPS = 6
+OFFSET = 1.0  # nats added to the real answers' reference log-probs of the ZeRO-3 run's shard
 GOLDEN_LOSSES = [0.6931472, 0.3350266, 0.0860748, 0.0274036, 0.0208472, 0.0184593]  # ZeRO-0, fp32, 2 ranks
 
 
@@ -50,11 +52,14 @@ def fixed_batch(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tiny_assets: tiny.TinyAssets, fixed_batch: Path, tmp_path_factory: pytest.TempPathFactory
-              ) -> tuple[list[dict[str, Any]], Path]:
-    """ZeRO-3, fp32, checkpointing every 2 steps to a shared path, held-out evaluation on the same pairs."""
+def zero3_run(tiny_assets: tiny.TinyAssets, synthetic: Path, fixed_batch: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
+    """ZeRO-3, fp32, checkpointing every 2 steps to a shared path, held-out evaluation on the same pairs. It
+    trains on the fixed batch's pairs as a shard that carries reference log-probs, the real answers' off by
+    OFFSET: once its check has caught that, the run is the fixed batch's run, scored by the trainer alone."""
     tmp = tmp_path_factory.mktemp("zero3")
-    evs, _ = run_train(2, base_args(tiny_assets, fixed_batch, str(tmp / "out"), "--zero-stage", "3",
+    offset = subset(synthetic, 4, tmp / "offset", scored=True, real_offset=OFFSET)
+    evs, _ = run_train(2, base_args(tiny_assets, offset, str(tmp / "out"), "--zero-stage", "3",
                                     "--checkpoint-dir", str(tmp / "ckpt"), "--checkpoint-every", "2",
                                     "--eval-data", str(fixed_batch)), tmp / "cache")
     return evs, tmp / "out"
@@ -86,6 +91,24 @@ def test_zero3_learns_the_fixed_batch_and_writes_a_checkpoint(zero3_run: tuple[l
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)  # a whole, loadable Hugging Face checkpoint
+
+
+def test_zero3_catches_an_offset_reference_and_scores_every_pair_itself(
+        zero3_run: tuple[list[dict[str, Any]], Path]) -> None:
+    """The check rescored all 4 pairs over 2 ranks (each its share) and saw the offset; the run then trusted no
+    shard value: its step-0 loss is ln 2 (test above), not softplus(beta * OFFSET) = 0.744."""
+    evs, out = zero3_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    check = metrics["reference_check"]
+    assert (check["pairs"], check["tolerance"], check["fallback"]) == (4, 0.05, True)
+    assert check["logp_abs_diff/max"] == pytest.approx(OFFSET, abs=1e-3)
+    assert check["logp_abs_diff/mean"] == pytest.approx(OFFSET / 2, abs=1e-3)  # the generated ones are right
+    assert check["beta_margin_abs_diff/max"] == pytest.approx(0.1 * OFFSET, abs=1e-4)
+    assert check["beta_margin_abs_diff/mean"] == pytest.approx(0.1 * OFFSET, abs=1e-4)
+    reported = [e for e in evs if str(e["event"]).startswith("reference")]
+    assert [e["event"] for e in reported] == ["reference_check", "reference_fallback"]  # rank 0 alone logs
+    assert reported[0] == {"event": "reference_check", **check}
+    assert metrics["reference"] == {"precomputed": 0, "live": 0, "first_pass": 4}
 
 
 def test_zero2_bf16_adamw_learns_the_fixed_batch(tiny_assets: tiny.TinyAssets, fixed_batch: Path,
@@ -179,8 +202,14 @@ def test_precomputed_reference_gives_the_losses_of_a_live_reference(
         evs, _ = run_train(1, base_args(tiny_assets, scored, str(out), "--zero-stage", "0", "--reference", mode,
                                         "--gradient-accumulation-steps", "2", "--max-steps", "3"), tmp_path / "cache")
         runs[mode] = (steps_of(evs), json.loads((out / "metrics.json").read_text()))
+        assert "reference_fallback" not in {e["event"] for e in evs}
     assert runs["precomputed"][1]["reference"] == {"precomputed": 8, "live": 0, "first_pass": 0}
     assert runs["live"][1]["reference"] == {"precomputed": 0, "live": 8, "first_pass": 0}
+    # An honest shard passes the check: the engine (fp32 here) and the trainer agree far below the tolerance.
+    check = runs["precomputed"][1]["reference_check"]
+    assert (check["pairs"], check["fallback"]) == (8, False)
+    assert check["logp_abs_diff/max"] < 1e-3 and check["beta_margin_abs_diff/max"] < 1e-4
+    assert runs["live"][1]["reference_check"] is None  # no shard value is used: nothing to check
     precomputed, live = ([s["loss"] for s in runs[m][0]] for m in ("precomputed", "live"))
     assert len(precomputed) == 3 and precomputed[0] == pytest.approx(math.log(2), abs=1e-5)
     assert precomputed == pytest.approx(live, abs=1e-5)
