@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,12 @@ from spin_k8s.testing.s3 import S3Server
 from spin_k8s.workers import tiny
 
 CRD = Path(__file__).parent.parent / "manifests" / "crd" / "spinruns.selfplay.dev.yaml"
+
+# Tests interrupt children with SIGINT (Ctrl-C) and expect what a terminal user sees. A shell without job control
+# starts background commands with SIGINT ignored, and an ignored signal stays ignored across exec: the children
+# would never see it. A handler does not survive exec, so with Python's own handler here they get the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -203,7 +203,12 @@ def test_cancel_resume_and_delete(cluster: Cluster, api: client.ApiClient, ns: s
     assert spinctl(cluster, ns, *start_args(setup, "again", 1)).output.startswith("spinrun/again created")
     cli_controllers.wait("the generation Job", lambda: batch.list_namespaced_job(
         ns, label_selector="selfplay.dev/run=again").items, 60)
-    # Ctrl-C while waiting stops the waiting only (exit 130), and says so.
+    assert "cancelled" in spinctl(cluster, ns, "cancel", "again").output
+    cli_controllers.wait("the run to be suspended", lambda: "Phase:       Suspended" in spinctl(
+        cluster, ns, "status", "again").output, 60)
+    assert batch.read_namespaced_job("again-i0-gen", ns).spec.suspend is True
+    # Ctrl-C while waiting stops the waiting only (exit 130), and says so. (Cancelled first: the run cannot end
+    # before the signal.)
     waiting = subprocess.Popen([str(Path(sys.executable).parent / "spinctl"), "wait", "again", "--kubeconfig",
                                 str(cluster.kubeconfig), "-n", ns], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -213,10 +218,6 @@ def test_cancel_resume_and_delete(cluster: Cluster, api: client.ApiClient, ns: s
     assert waiting.stdout.read().splitlines()[-1] == (
         f"interrupted: again keeps running on the cluster; `spinctl wait again -n {ns}` follows it again, "
         f"`spinctl cancel again -n {ns}` stops it")
-    assert "cancelled" in spinctl(cluster, ns, "cancel", "again").output
-    cli_controllers.wait("the run to be suspended", lambda: "Phase:       Suspended" in spinctl(
-        cluster, ns, "status", "again").output, 60)
-    assert batch.read_namespaced_job("again-i0-gen", ns).spec.suspend is True
     assert spinctl(cluster, ns, "resume", "again").output.startswith("spinrun/again resumed")
     cli_controllers.wait("the resumed run to finish", lambda: "Phase:       Succeeded" in spinctl(
         cluster, ns, "status", "again").output, 600)
