@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,21 @@ while True:
 """
 
 
-def stand_in(root: Path) -> subprocess.Popen[bytes]:
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The stand-ins a test started: none outlives it, whatever it asserted."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def stand_in(root: Path, started: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
     root.mkdir()
     # "spin_k8s.testing" on its command line: `down` checks that a pid is an environment's, not a reused one.
     proc = subprocess.Popen([sys.executable, "-c", STAND_IN, str(root), "spin_k8s.testing"])
+    started.append(proc)
     threading.Thread(target=proc.wait, daemon=True).start()  # reaped as soon as it exits, as a shell would
     deadline = time.monotonic() + 30
     while testenv.running_pid(root) != proc.pid:
@@ -42,8 +54,9 @@ def stand_in(root: Path) -> subprocess.Popen[bytes]:
 
 
 def test_down_stops_the_environment_of_its_directory_and_waits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    first, second = stand_in(tmp_path / "first"), stand_in(tmp_path / "second")
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                started: list[subprocess.Popen[bytes]]) -> None:
+    first, second = stand_in(tmp_path / "first", started), stand_in(tmp_path / "second", started)
     began = time.monotonic()
     assert testenv.main(["down", "--dir", str(tmp_path / "second")]) == 0
     # Returned once it had stopped: its pidfile (removed last thing before exit) is gone, after its 1 s shutdown.
