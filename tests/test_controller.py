@@ -161,31 +161,29 @@ class Chaos:
                 return None
             raise
 
-    def leading(self) -> Process:
-        """Wait until the newest controller holds the Lease (its predecessor's has expired) and has reconciled
-        the run at least once: it has seen the state it is about to be killed in."""
-        identity = f"{socket.gethostname()}-{self.leader.popen.pid}"
-        self.controllers.wait(f"{self.leader.name} to hold the Lease", lambda: self.holder() == identity, 60)
-        self.controllers.wait(f"{self.leader.name} to reconcile", lambda: self.reconciles(self.leader) > 0, 60)
+    def holds_lease(self) -> bool:
+        """Whether the Lease names the newest controller (the manager's identity: hostname-pid)."""
+        return self.holder() == f"{socket.gethostname()}-{self.leader.popen.pid}"
+
+    def leading(self, reconciled: bool = True) -> Process:
+        """Wait until the newest controller holds the Lease (its predecessor's has expired) and, with
+        ``reconciled``, has reconciled the run at least once: it has seen the state it is about to be killed in."""
+        self.controllers.wait(f"{self.leader.name} to hold the Lease", self.holds_lease, 60)
+        if reconciled:
+            self.controllers.wait(f"{self.leader.name} to reconcile", lambda: self.reconciles(self.leader) > 0, 60)
         return self.leader
 
     def freeze(self, reconciled: bool = True) -> Process:
         """Stop the leader where it stands (SIGSTOP): it can neither act nor renew its Lease. ``reconciled``:
         only once it has reconciled (else as soon as it holds the Lease)."""
-        if reconciled:
-            leader = self.leading()
-        else:
-            leader = self.leader
-            identity = f"{socket.gethostname()}-{leader.popen.pid}"
-            self.controllers.wait(f"{leader.name} to hold the Lease", lambda: self.holder() == identity, 60)
+        leader = self.leading(reconciled)
         self.controllers.unwatch(leader)
         leader.popen.send_signal(signal.SIGSTOP)
         return leader
 
     def kill(self, point: str) -> None:
         """SIGKILL the leader (frozen or not) at ``point`` and start its successor."""
-        identity = f"{socket.gethostname()}-{self.leader.popen.pid}"
-        assert self.holder() == identity, f"{point}: the Lease names {self.holder()}, not the process to kill"
+        assert self.holds_lease(), f"{point}: the Lease names {self.holder()}, not the process to kill"
         self.controllers.kill(self.leader)
         self.kills.append(point)
         self.leader = self.start()
