@@ -4,24 +4,23 @@ finished run or compares its own lineage with it; a fresh namespace and a fresh 
 
 from __future__ import annotations
 
-import re
 import secrets
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
 from support import (
     Controllers,
     FinishedRun,
     create_s3_secret,
     get_run,
+    install_crd,
     jobs_by_name,
     manifest,
+    new_namespace,
     reference_spec,
     run_store,
     spinctl_until_exit,
@@ -29,11 +28,9 @@ from support import (
 
 from spin_k8s import lineage
 from spin_k8s.testing import tools
-from spin_k8s.testing.cluster import Cluster, wait_until
+from spin_k8s.testing.cluster import Cluster
 from spin_k8s.testing.s3 import S3Server
 from spin_k8s.workers import tiny
-
-CRD = Path(__file__).parent.parent / "manifests" / "crd" / "spinruns.selfplay.dev.yaml"
 
 # Tests interrupt children with SIGINT (Ctrl-C) and expect what a terminal user sees. A shell without job control
 # starts background commands with SIGINT ignored, and an ignored signal stays ignored across exec: the children
@@ -56,21 +53,9 @@ def api(cluster: Cluster) -> client.ApiClient:
     return config.new_client_from_config(config_file=str(cluster.kubeconfig))
 
 
-def _new_namespace(api: client.ApiClient, base: str) -> str:
-    """A new namespace with its default ServiceAccount in place (pods are refused before)."""
-    core = client.CoreV1Api(api)
-    name = f"{re.sub(r'[^a-z0-9-]', '-', base.lower())[:40].strip('-')}-{secrets.token_hex(3)}"
-    core.create_namespace({"metadata": {"name": name}})
-    deadline = time.monotonic() + 30
-    while not core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:
-        assert time.monotonic() < deadline, "the default ServiceAccount never appeared"
-        time.sleep(0.1)
-    return name
-
-
 @pytest.fixture
 def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = _new_namespace(api, request.node.name)
+    name = new_namespace(api, request.node.name)
     yield name
     client.CoreV1Api(api).delete_namespace(name)
 
@@ -91,16 +76,7 @@ def bucket(s3_server: S3Server) -> str:
 
 @pytest.fixture(scope="session")
 def crd(api: client.ApiClient) -> None:
-    ext = client.ApiextensionsV1Api(api)
-    body = yaml.safe_load(CRD.read_text())
-    try:
-        ext.create_custom_resource_definition(body)
-    except ApiException as e:
-        if e.status != 409:
-            raise
-    wait_until("the SpinRun CRD", lambda: any(
-        c.type == "Established" and c.status == "True"
-        for c in ext.read_custom_resource_definition(body["metadata"]["name"]).status.conditions or []), 30)
+    install_crd(api)
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +102,7 @@ def reference(cluster: Cluster, api: client.ApiClient, crd: None, s3_server: S3S
     """The reference run: `spinctl start -f --wait` of the tiny 2-iteration run, reconciled by one
     uninterrupted controller, to the end. Its namespace stays for the whole session."""
     workdir = tmp_path_factory.mktemp("reference")
-    ns = _new_namespace(api, "reference")
+    ns = new_namespace(api, "reference")
     bucket = f"ref-{secrets.token_hex(4)}"
     s3_server.client().create_bucket(Bucket=bucket)
     create_s3_secret(api, ns, s3_server)

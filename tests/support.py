@@ -9,25 +9,32 @@ lines of its log instead of running into its timeout.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
+import yaml
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from spin_k8s import api as spin_api
 from spin_k8s import lineage, naming
-from spin_k8s.testing.cluster import Cluster, Process, free_port, start_process, wait_until
+from spin_k8s.testing.cluster import Cluster
+from spin_k8s.testing.processes import Process, free_port, start_process, wait_until
 from spin_k8s.testing.s3 import S3Server
 from spin_k8s.workers import data, tiny
 
 T = TypeVar("T")
 G, V, P = spin_api.GROUP, spin_api.VERSION, spin_api.PLURAL
+CRD = Path(__file__).parent.parent / "manifests" / "crd" / "spinruns.selfplay.dev.yaml"
 STEPS = [(0, naming.GENERATE), (0, naming.TRAIN), (1, naming.GENERATE), (1, naming.TRAIN)]
 
 
@@ -92,6 +99,32 @@ def manifest(store: lineage.Store) -> dict[str, Any]:
     assert got is not None, "no lineage manifest"
     value: dict[str, Any] = json.loads(got[0])
     return value
+
+
+def install_crd(api: client.ApiClient) -> None:
+    """Create the SpinRun CRD (or find it) and wait until it is Established."""
+    ext = client.ApiextensionsV1Api(api)
+    body = yaml.safe_load(CRD.read_text())
+    try:
+        ext.create_custom_resource_definition(body)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    wait_until("the SpinRun CRD", lambda: any(
+        c.type == "Established" and c.status == "True"
+        for c in ext.read_custom_resource_definition(body["metadata"]["name"]).status.conditions or []), 30)
+
+
+def new_namespace(api: client.ApiClient, base: str) -> str:
+    """A new namespace with its default ServiceAccount in place (pods are refused before)."""
+    core = client.CoreV1Api(api)
+    name = f"{re.sub(r'[^a-z0-9-]', '-', base.lower())[:40].strip('-')}-{secrets.token_hex(3)}"
+    core.create_namespace({"metadata": {"name": name}})
+    deadline = time.monotonic() + 30
+    while not core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:
+        assert time.monotonic() < deadline, "the default ServiceAccount never appeared"
+        time.sleep(0.1)
+    return name
 
 
 @dataclass

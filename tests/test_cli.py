@@ -21,7 +21,8 @@ from kubernetes import client
 from support import Controllers, FinishedRun, create_s3_secret, get_run, spinctl_until_exit
 
 from spin_k8s.cli import main
-from spin_k8s.testing.cluster import Cluster, free_port, wait_until
+from spin_k8s.testing.cluster import Cluster
+from spin_k8s.testing.processes import free_port, wait_until
 from spin_k8s.testing.s3 import S3Server
 from spin_k8s.workers import tiny
 

@@ -53,7 +53,8 @@ from spin_k8s import api as spin_api
 from spin_k8s import lineage, naming
 from spin_k8s.controller.manager import LEASE_NAME
 from spin_k8s.testing import tools
-from spin_k8s.testing.cluster import Cluster, Process, free_port
+from spin_k8s.testing.cluster import Cluster
+from spin_k8s.testing.processes import Process, free_port
 from spin_k8s.testing.s3 import S3Server
 from spin_k8s.workers import tiny
 

@@ -12,7 +12,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from spin_k8s.testing import tools
-from spin_k8s.testing.cluster import Cluster, wait_until
+from spin_k8s.testing.cluster import Cluster
+from spin_k8s.testing.processes import wait_until
 from spin_k8s.testing.s3 import S3Server
 
 pytestmark = pytest.mark.cluster

