@@ -559,11 +559,12 @@ def lineage_cmd(session: Session, fmt: str, name: str, diff: tuple[int, int] | N
                                 "help_option_names": []}, add_help_option=False)
 @click.pass_context
 def demo(ctx: click.Context) -> None:
-    """SPIN on a tiny arithmetic model on this machine, against continued SFT (`spinctl demo --help`).
+    """SPIN from a converged SFT model on this machine, against continued SFT and lower temperatures, scored by
+    exact distance to a known distribution (`spinctl demo --help`).
 
     \b
     Examples:
-      spinctl demo --out /tmp/spin-demo                 # about 4 minutes on 2 cores
+      spinctl demo --out /tmp/spin-demo                 # one seed, under 10 minutes on 2 cores
       spinctl demo --out /tmp/spin-cmp --seeds 0,1,2    # the comparison over 3 seeds
     """
     from spin_k8s.demo import __main__ as demo_main

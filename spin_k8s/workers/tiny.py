@@ -117,10 +117,14 @@ def build_tokenizer(texts: list[str], vocab_size: int, metaspace: str | None = N
 
 def build_model(out_dir: Path, texts: list[str], config: TinyConfig, seed: int) -> Path:
     """Trains the tokenizer on ``texts``, builds a randomly initialised Llama and saves both to ``out_dir``."""
+    return save_llama(out_dir, build_tokenizer(texts, config.vocab_size), config, seed)
+
+
+def save_llama(out_dir: Path, tok: PreTrainedTokenizerFast, config: TinyConfig, seed: int) -> Path:
+    """Saves ``tok`` and a randomly initialised (seeded) Llama of ``config``'s shape over its vocabulary."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    tok = build_tokenizer(texts, config.vocab_size)
     llama = LlamaConfig(
         vocab_size=len(tok), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
