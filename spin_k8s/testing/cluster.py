@@ -21,7 +21,7 @@ from typing import TypeVar
 from kubernetes import client, config
 
 from spin_k8s.testing import pki, tools
-from spin_k8s.testing.node import KUBERNETES_SERVICE_IP, NODE_IP, RealNode
+from spin_k8s.testing.node import KUBERNETES_SERVICE_IP, NODE_IP, RealNode, node_ready
 from spin_k8s.testing.processes import Process, free_port, start_process, wait_until, write_kubeconfig
 
 T = TypeVar("T")
@@ -181,11 +181,7 @@ class Cluster:
             f"--serving-cert={node_serving.cert}", f"--serving-key={node_serving.key}",
         ], logs, agent_env))
 
-        def node_ready() -> bool:
-            conditions = core.read_node(self.node_name).status.conditions or []
-            return any(c.type == "Ready" and c.status == "True" for c in conditions)
-
-        wait_until("the node agent's Ready node", node_ready, 60, self.processes)
+        wait_until("the node agent's Ready node", lambda: node_ready(core, self.node_name), 60, self.processes)
 
     def stop(self) -> None:
         """Stop every process by PID, the node first, then the control plane newest first, so etcd (the first)

@@ -14,6 +14,7 @@ Run ``python -m spin_k8s.testing.images`` to build what is missing (``scripts/in
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import fnmatch
 import hashlib
@@ -167,7 +168,7 @@ def ensure(name: str, images: dict[str, Image] | None = None) -> Path:
         base_args = ["--build-arg", f"BASE={reference(images[image.base], images)}"]
     started = time.monotonic()
     print(f"image {name}: building {ref}", flush=True)
-    with _rootfs_context() if name == "base" else _nothing(image.context) as context:
+    with _rootfs_context() if name == "base" else contextlib.nullcontext(image.context) as context:
         build_args = [a for k, v in image.args.items() for a in ("--build-arg", f"{k}={v}")]
         _buildah("build", "--quiet", "--layers", "--isolation=oci", f"--runtime={RUNC}", "--pull=never",
                  *_host_trust(), "-f", str(image.dockerfile), "-t", ref, *base_args, *build_args, str(context))
@@ -182,11 +183,6 @@ def ensure(name: str, images: dict[str, Image] | None = None) -> Path:
             old.unlink()
     print(f"image {name}: built in {time.monotonic() - started:.0f}s ({tar.stat().st_size >> 20} MiB)", flush=True)
     return tar
-
-
-@contextmanager
-def _nothing(context: Path) -> Iterator[Path]:
-    yield context
 
 
 def build_all() -> dict[str, Path]:

@@ -63,10 +63,6 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=check, text=True, capture_output=True)
 
 
-def _tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
-
-
 def _sweep_iptables() -> None:
     """Delete the KUBE-*/CNI-* chains and every rule that names one, in every table, IPv4 and IPv6."""
     for save, restore in (("iptables-save", "iptables-restore"), ("ip6tables-save", "ip6tables-restore")):
@@ -216,11 +212,7 @@ class RealNode:
         api = config.new_client_from_config(config_file=str(admin_kubeconfig))
         core = client.CoreV1Api(api)
 
-        def ready() -> bool:
-            conditions = core.read_node(self.name).status.conditions or []
-            return any(c.type == "Ready" and c.status == "True" for c in conditions)
-
-        wait_until("the kubelet's Node Ready", ready, 60, self.processes)
+        wait_until("the kubelet's Node Ready", lambda: node_ready(core, self.name), 60, self.processes)
         for name in KERNEL_TUNABLES:
             sysctl(name, self.state["sysctls"][name])
         self._start_kube_proxy(ca, server, logs)
@@ -370,6 +362,11 @@ def _stop_containers(address: Path) -> None:
         for task in _run(*ctr, "tasks", "ls", "-q", check=False).stdout.split():
             _run(*ctr, "tasks", "delete", "--force", task, check=False)
         time.sleep(0.2)
+
+
+def node_ready(core: client.CoreV1Api, name: str) -> bool:
+    conditions = core.read_node(name).status.conditions or []
+    return any(c.type == "Ready" and c.status == "True" for c in conditions)
 
 
 def _pod_ready(core: client.CoreV1Api, namespace: str, selector: str) -> bool:
