@@ -1,20 +1,22 @@
-"""Benchmark: the SPIN training worker against TRL's DPOTrainer configured as SPIN, on this CPU.
+"""Benchmark: the SPIN training worker against TRL's DPOTrainer configured as SPIN, on this CPU, like for like.
 
 Both train the same tiny Llama (about 2.6 M parameters, first taught by a short SFT warm-up to answer in the
 data's style and stop), on the same pairs (real = the human answer, generated = the warmed-up model's sample),
-for the same steps and batch size, one process each, fp32, RMSProp, linear schedule. TRL runs as SPIN: loss
-``sigmoid``, chosen = real, rejected = generated, a frozen reference model. Ours runs as the Job would: the
-generation worker's precomputed reference log-probs, length-grouped micro-batches. Ours with a live reference
-model is measured too, to separate the two effects.
+for the same steps and batch size, one process each, fp32, RMSProp, linear schedule, no dropout. TRL runs as
+SPIN: loss ``sigmoid``, chosen = real, rejected = generated, and ``precompute_ref_log_probs=True`` (the
+reference log-probs computed once before training, no reference model in the steps). Ours runs as the Job would:
+the generation worker's precomputed reference log-probs. Batches are length-grouped on both sides (transformers'
+``LengthGroupedSampler`` for TRL, ``--length-grouping`` for ours) or on neither (``--length-grouping off``).
 
-Throughput is the real (non-padding) tokens of all pairs processed divided by the summed time of the
-training steps (start-up, tokenization and reference precomputation excluded for both). The trainers run in
-turn, several times; "best" counts each step at its fastest repeat (robust to other work on a shared machine),
-"median" is the median total. Before training, the two must agree: TRL's log-probs of the pairs equal ours
-(same tokens, same masking), and both step-0 losses are ln 2.
+Before any timing the two must agree, or the run fails (exit 1): TRL's mean log-probs of the real and generated
+answers at the starting weights equal ours (same tokens, same masking); after training, both step-0 losses are
+ln 2. Throughput is the real (non-padding) tokens of all pairs processed divided by the summed time of the training
+steps (start-up, tokenization and reference precomputation excluded for both). The trainers run in turn, several
+times; "best" counts each step at its fastest repeat (robust to other work on a shared machine), "median" is the
+median total. The ratio is measured in one run, against TRL in the same run.
 
     .venv/bin/python bench/bench_trainer.py               # ~5 minutes on 2 cores
-    .venv/bin/python bench/bench_trainer.py --pairs 64 --epochs 1
+    .venv/bin/python bench/bench_trainer.py --pairs 64 --epochs 1 --length-grouping off
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from spin_k8s import storage
 from spin_k8s.workers import batching, data, generate, tiny, train
@@ -66,7 +69,7 @@ def warm_up(model_dir: Path, rows: list[dict[str, str]], steps: int) -> None:
     examples = []  # (input ids, labels): the prompt is context only (-100), the response is learnt
     for row in rows:
         prompt = data.encode_prompt(tok, row["prompt"], MAX_PROMPT_LENGTH)
-        response = data.encode_response(tok, row["prompt"], row["response"], MAX_LENGTH - len(prompt))
+        response = data.encode_response(tok, row["prompt"], row["response"], room(len(prompt)))
         examples.append((prompt + response, [-100] * len(prompt) + response))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
@@ -85,16 +88,22 @@ def warm_up(model_dir: Path, rows: list[dict[str, str]], steps: int) -> None:
     model.save_pretrained(model_dir)
 
 
+def room(prompt_len: int) -> int:
+    return data.response_room(MAX_LENGTH, prompt_len, MAX_LENGTH - MAX_PROMPT_LENGTH)
+
+
 def make_synthetic(model_dir: Path, data_path: Path, out: Path) -> tuple[Path, list[data.SyntheticRow]]:
     """The generation worker's output (transformers engine, scored), with each sample re-tokenized from its
-    text: TRL only takes text, and both trainers must score the same tokens."""
+    text: TRL only takes text, and both trainers must score the same tokens. TRL appends the end-of-turn token to
+    every answer, so every sample here counts as ended (ours appends none to a sample cut at the token limit)."""
     generated = out / "sampled"
     code = generate.main(["--model", str(model_dir), "--data", str(data_path), "--output", str(generated),
                           "--engine", "transformers", "--max-tokens", "256", "--run-name", "bench",
                           "--max-length", str(MAX_LENGTH), "--max-prompt-length", str(MAX_PROMPT_LENGTH)])
     assert code == 0
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = [dataclasses.replace(row, generated_ids=tok(row.generated, add_special_tokens=False)["input_ids"])
+    rows = [dataclasses.replace(row, generated_ids=tok(row.generated, add_special_tokens=False)["input_ids"],
+                                length_stopped=False)
             for row, _ in data.load_synthetic(str(generated)).rows]
     # Reference log-probs as the generation worker computes them (its engine, its sequence layout).
     settings = generate.settings_from_args(["--model", str(model_dir), "--data", "-", "--output", "-",
@@ -102,7 +111,7 @@ def make_synthetic(model_dir: Path, data_path: Path, out: Path) -> tuple[Path, l
     engine = generate.TransformersEngine(model_dir, settings, tok)
     prompts = [data.encode_prompt(tok, r.prompt, MAX_PROMPT_LENGTH) for r in rows]
     responses: list[str | list[int]] = [*(r.real for r in rows), *(r.generated_ids for r in rows)]
-    sequences = [p + data.encode_response(tok, r.prompt, resp, MAX_LENGTH - len(p))
+    sequences = [p + data.encode_response(tok, r.prompt, resp, room(len(p)))
                  for p, r, resp in zip(prompts * 2, rows * 2, responses, strict=True)]
     scores = engine.score(sequences, [len(p) for p in prompts * 2])
     rows = [dataclasses.replace(r, ref_real_logp=scores[k], ref_generated_logp=scores[len(rows) + k])
@@ -116,42 +125,63 @@ def make_synthetic(model_dir: Path, data_path: Path, out: Path) -> tuple[Path, l
     return final, rows
 
 
-def run_ours(model_dir: Path, synthetic: Path, out: Path, reference: str, batch: int, steps: int,
+def run_ours(model_dir: Path, synthetic: Path, out: Path, batch: int, steps: int, grouped: bool,
              threads: int) -> dict[str, Any]:
-    """One run of the training worker as a process of its own; its metrics.json."""
+    """One run of the training worker as a process of its own, with the shards' reference log-probs; its
+    metrics.json."""
     args = [sys.executable, "-m", "spin_k8s.workers.train", "--model", str(model_dir), "--synthetic",
             f"0={synthetic}", "--output", str(out), "--zero-stage", "0", "--precision", "fp32",
             "--learning-rate", str(LEARNING_RATE), "--beta", str(BETA), "--warmup-ratio", "0.1",
             "--micro-batch-size", str(batch), "--max-steps", str(steps), "--no-gradient-checkpointing",
-            "--reference", reference, "--max-length", str(MAX_LENGTH), "--max-prompt-length", str(MAX_PROMPT_LENGTH)]
+            "--reference", "precomputed", "--max-length", str(MAX_LENGTH),
+            "--max-prompt-length", str(MAX_PROMPT_LENGTH), "--length-grouping" if grouped else "--no-length-grouping"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads),
            "SPIN_CACHE_DIR": str(out.parent / "cache")}
     proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"our trainer failed:\n{proc.stderr[-4000:]}")
     metrics: dict[str, Any] = json.loads((out / "metrics.json").read_text())
+    if metrics["reference"]["precomputed"] != metrics["pairs"] or (metrics["reference_check"] or {}).get("fallback"):
+        raise SystemExit(f"our trainer did not use the shards' reference log-probs: {metrics['reference']}")
     return metrics
 
 
 class StepTimer(TrainerCallback):
-    """The wall time of each of TRL's training steps, excluding its set-up and evaluation."""
+    """The wall time of each of TRL's training steps, excluding its set-up and evaluation: from one step's end to
+    the next's, so that a step counts fetching and collating its batch, as our worker's steps do (the Trainer
+    fetches a step's batch before its ``on_step_begin``); the first step from its ``on_step_begin``."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
-        self._began = 0.0
+        self._last: float | None = None
 
     def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-        self._began = time.monotonic()
+        if self._last is None:
+            self._last = time.monotonic()
 
     def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-        self.seconds.append(time.monotonic() - self._began)
+        now = time.monotonic()
+        assert self._last is not None
+        self.seconds.append(now - self._last)
+        self._last = now
 
 
-def run_trl(model_dir: Path, rows: list[data.SyntheticRow], tok: PreTrainedTokenizerBase, out: Path,
-            batch: int, steps: int) -> dict[str, Any]:
-    """One TRL run in this process: per-step seconds, losses, and its evaluation at the starting weights."""
+def trl_trainer(model_dir: Path, rows: list[data.SyntheticRow], tok: PreTrainedTokenizerBase, out: Path,
+                batch: int, steps: int, grouped: bool, timer: StepTimer) -> Any:
+    """TRL's DPOTrainer as SPIN with precomputed reference log-probs (computed here, before any step)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
+
+    class LengthGroupedDPOTrainer(DPOTrainer):
+        """transformers' length-grouped sampler, which infers lengths from an ``input_ids`` column a DPO dataset
+        does not have: here from its token columns."""
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            ds = self.train_dataset if train_dataset is None else train_dataset
+            lengths = [len(p) + max(len(c), len(r))
+                       for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)]
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=lengths)
 
     # Text as TRL wants it: the same chat-template prompt; TRL appends the eos token to both answers.
     dataset = Dataset.from_list([{"prompt": data.prompt_text(tok, r.prompt), "chosen": r.real,
@@ -161,17 +191,22 @@ def run_trl(model_dir: Path, rows: list[data.SyntheticRow], tok: PreTrainedToken
         learning_rate=LEARNING_RATE, lr_scheduler_type="linear", warmup_steps=0.1, optim="rmsprop",
         max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH, bf16=False, use_cpu=True,
         gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no", seed=42,
-        precompute_ref_log_probs=False, dataloader_num_workers=0, disable_tqdm=True,
+        precompute_ref_log_probs=True, disable_dropout=True, dataloader_num_workers=0, disable_tqdm=True,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    trainer_class = LengthGroupedDPOTrainer if grouped else DPOTrainer
+    return trainer_class(model=model, ref_model=None, args=config, train_dataset=dataset, eval_dataset=dataset,
+                         processing_class=tok, callbacks=[timer])
+
+
+def run_trl(model_dir: Path, rows: list[data.SyntheticRow], tok: PreTrainedTokenizerBase, out: Path,
+            batch: int, steps: int, grouped: bool) -> dict[str, Any]:
+    """One TRL run in this process: per-step seconds and losses."""
     timer = StepTimer()
-    trainer = DPOTrainer(model=model, ref_model=reference, args=config, train_dataset=dataset,
-                         eval_dataset=dataset, processing_class=tok, callbacks=[timer])
-    initial = trainer.evaluate()  # at the starting weights: the log-probs to cross-check
+    trainer = trl_trainer(model_dir, rows, tok, out, batch, steps, grouped, timer)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"seconds": timer.seconds, "initial": initial, "losses": losses}
+    return {"seconds": timer.seconds, "losses": losses}
 
 
 def our_logps(model_dir: Path, synthetic: Path) -> tuple[float, float]:
@@ -195,7 +230,10 @@ def main() -> None:
     parser.add_argument("--warm-up-steps", type=int, default=80, help="SFT steps before generating (default 80)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each trainer, alternating (default 3)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
+    parser.add_argument("--length-grouping", choices=("on", "off"), default="on",
+                        help="length-grouped batches on both sides, or on neither (default on)")
     args = parser.parse_args()
+    grouped = args.length_grouping == "on"
     torch.set_num_threads(args.threads)
     steps = args.epochs * (args.pairs // args.batch)  # whole epochs: both process every pair equally often
 
@@ -222,46 +260,43 @@ def main() -> None:
               f"max {max(lengths)}; {tokens_per_epoch} tokens per epoch", flush=True)
         tokens = tokens_per_epoch * args.epochs
 
+        # Agreement first: a trainer that scores other tokens than ours would make the ratio meaningless.
+        real_logp, generated_logp = our_logps(model_dir, synthetic)
+        initial = trl_trainer(model_dir, synthetic_rows, tok, tmp / "trl-check", args.batch, steps, grouped,
+                              StepTimer()).evaluate()  # at the starting weights
+        print("\ncross-check at the starting weights:")
+        print(f"  mean log p(real):      ours {real_logp:.5f}  TRL {initial['eval_logps/chosen']:.5f}")
+        print(f"  mean log p(generated): ours {generated_logp:.5f}  TRL {initial['eval_logps/rejected']:.5f}")
+        if not (abs(real_logp - initial["eval_logps/chosen"]) < 1e-3
+                and abs(generated_logp - initial["eval_logps/rejected"]) < 1e-3):
+            raise SystemExit("FAILED: TRL's log-probs of the pairs differ from ours: the trainers do not score the "
+                             "same tokens, so their speeds cannot be compared")
+
         # The machine may be shared: runs alternate, and each step counts at its fastest of the repeats (the
         # data order is fixed, so step k processes the same pairs in every repeat of a trainer).
-        step_seconds: dict[str, list[list[float]]] = {"ours": [], "ours-live": [], "trl": []}
+        step_seconds: dict[str, list[list[float]]] = {"ours": [], "trl": []}
         for repeat in range(args.repeats):
-            print(f"repeat {repeat + 1}/{args.repeats}: ours (precomputed reference), ours (live reference), "
-                  f"TRL DPOTrainer ...", flush=True)
-            ours = run_ours(model_dir, synthetic, tmp / f"ours-{repeat}", "precomputed", args.batch, steps,
-                            args.threads)
-            ours_live = run_ours(model_dir, synthetic, tmp / f"ours-live-{repeat}", "live", args.batch, steps,
-                                 args.threads)
-            trl = run_trl(model_dir, synthetic_rows, tok, tmp / f"trl-{repeat}", args.batch, steps)
+            print(f"repeat {repeat + 1}/{args.repeats}: ours, TRL DPOTrainer ...", flush=True)
+            ours = run_ours(model_dir, synthetic, tmp / f"ours-{repeat}", args.batch, steps, grouped, args.threads)
+            trl = run_trl(model_dir, synthetic_rows, tok, tmp / f"trl-{repeat}", args.batch, steps, grouped)
             step_seconds["ours"].append([h["seconds"] for h in ours["history"]])
-            step_seconds["ours-live"].append([h["seconds"] for h in ours_live["history"]])
             step_seconds["trl"].append(trl["seconds"])
 
-        real_logp, generated_logp = our_logps(model_dir, synthetic)
-        print("\ncross-checks at the starting weights:")
-        print(f"  mean log p(real):      ours {real_logp:.5f}  TRL {trl['initial']['eval_logps/chosen']:.5f}")
-        print(f"  mean log p(generated): ours {generated_logp:.5f}  TRL {trl['initial']['eval_logps/rejected']:.5f}")
         print(f"  step-0 loss:           ours {ours['history'][0]['loss']:.6f}  TRL {trl['losses'][0]:.6f}  "
               f"(ln 2 = {math.log(2):.6f})")
-        agree = (abs(real_logp - trl["initial"]["eval_logps/chosen"]) < 1e-3
-                 and abs(generated_logp - trl["initial"]["eval_logps/rejected"]) < 1e-3
-                 and abs(ours["history"][0]["loss"] - math.log(2)) < 1e-5
-                 and abs(trl["losses"][0] - math.log(2)) < 1e-5)
-        print(f"  agree: {agree}")
+        if not (abs(ours["history"][0]["loss"] - math.log(2)) < 1e-5 and abs(trl["losses"][0] - math.log(2)) < 1e-5):
+            raise SystemExit("FAILED: a step-0 loss is not ln 2: policy and reference differ at the start")
 
         best = {name: sum(min(run[k] for run in runs) for k in range(steps)) for name, runs in step_seconds.items()}
         median = {name: statistics.median(sum(run) for run in runs) for name, runs in step_seconds.items()}
-        print(f"\ntokens/s over {steps} steps ({tokens} real tokens, padding excluded), {args.repeats} repeats:")
+        print(f"\ntokens/s over {steps} steps ({tokens} real tokens, padding excluded), {args.repeats} repeats, "
+              f"length grouping {args.length_grouping} on both sides, precomputed reference on both sides:")
         print(f"  {'':30s} {'best':>10s} {'median':>10s}")
-        for name, label in (("ours", "ours, precomputed reference"), ("ours-live", "ours, live reference"),
-                            ("trl", "TRL DPOTrainer as SPIN")):
+        for name, label in (("ours", "ours (training worker)"), ("trl", "TRL DPOTrainer as SPIN")):
             print(f"  {label:30s} {tokens / best[name]:10.0f} {tokens / median[name]:10.0f}")
-        print(f"ratio ours / TRL:                  best {best['trl'] / best['ours']:.2f}x, "
+        print(f"ratio ours / TRL: best {best['trl'] / best['ours']:.2f}x, "
               f"median {median['trl'] / median['ours']:.2f}x (target >= 1.3x)")
-        print(f"ratio ours (live reference) / TRL: best {best['trl'] / best['ours-live']:.2f}x, "
-              f"median {median['trl'] / median['ours-live']:.2f}x")
-        print(f"final loss: ours {ours['history'][-1]['loss']:.4f}, ours-live {ours_live['history'][-1]['loss']:.4f}, "
-              f"TRL {trl['losses'][-1]:.4f}")
+        print(f"final loss: ours {ours['history'][-1]['loss']:.4f}, TRL {trl['losses'][-1]:.4f}")
 
 if __name__ == "__main__":
     main()

@@ -107,11 +107,12 @@ def field_path(parts: list[Any]) -> str:
 class Generation:
     shards: int
     gpus_per_shard: int
-    temperature: float
+    temperature: float  # 0: greedy decoding
     top_p: float
     max_tokens: int
     score_reference: bool
     engine: str  # "vllm" (production, the default) or "transformers" (slow: CPU tests and debugging)
+    prompt_format: str  # "chatTemplate" (the default) or "paperInstruction" (the authors' prompt); both workers
 
 
 @dataclass(frozen=True)
@@ -124,13 +125,16 @@ class Training:
     learning_rate: float
     beta: float
     loss_type: str
-    epochs: int
+    epochs: int  # where training stops
+    schedule_epochs: int | None  # epochs the learning-rate schedule spans; None: each iteration's epochs
     per_device_batch_size: int
     gradient_accumulation_steps: int
     max_length: int
     max_prompt_length: int
+    max_response_length: int  # tokens; max_length - max_prompt_length unless the spec sets it
     warmup_ratio: float
     gradient_checkpointing: bool
+    length_grouping: bool
     checkpoint_every_steps: int
     port: int
 
@@ -142,6 +146,7 @@ class Hyper:
     learning_rate: float
     beta: float
     epochs: int
+    schedule_epochs: int  # training.scheduleEpochs, else this iteration's epochs
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,7 @@ class Spec:
     iterations: int
     storage: Storage
     keep_previous: int
+    system_prompt: str | None  # None: no system turn; "": an empty one
     generation: Generation
     training: Training
     overrides: dict[int, dict[str, Any]]
@@ -180,7 +186,8 @@ class Spec:
     def hyper(self, iteration: int) -> Hyper:
         o = self.overrides.get(iteration, {})
         t = self.training
-        return Hyper(o.get("learningRate", t.learning_rate), o.get("beta", t.beta), o.get("epochs", t.epochs))
+        epochs = o.get("epochs", t.epochs)
+        return Hyper(o.get("learningRate", t.learning_rate), o.get("beta", t.beta), epochs, t.schedule_epochs or epochs)
 
 
 @dataclass(frozen=True)
@@ -205,14 +212,15 @@ def _spec(raw: dict[str, Any], defaults: Images) -> Spec:
         model=raw["model"], dataset=raw["dataset"], iterations=raw["iterations"],
         storage=Storage(storage["uri"].rstrip("/"), storage.get("credentialsSecret"), storage.get("endpoint"),
                         storage.get("region", "us-east-1")),
-        keep_previous=d["keepPreviousIterations"],
+        keep_previous=d["keepPreviousIterations"], system_prompt=d.get("systemPrompt"),
         generation=Generation(g["shards"], g["gpusPerShard"], float(g["temperature"]), float(g["topP"]),
-                              g["maxTokens"], g["scoreReference"], g["engine"]),
+                              g["maxTokens"], g["scoreReference"], g["engine"], g["promptFormat"]),
         training=Training(
             t["nodes"], t["gpusPerNode"], t["zeroStage"], t["precision"], t["optimizer"], float(t["learningRate"]),
-            float(t["beta"]), t["lossType"], t["epochs"], t["perDeviceBatchSize"], t["gradientAccumulationSteps"],
-            t["maxLength"], t["maxPromptLength"], float(t["warmupRatio"]), t["gradientCheckpointing"],
-            t["checkpointEverySteps"], t["port"]),
+            float(t["beta"]), t["lossType"], t["epochs"], t.get("scheduleEpochs"), t["perDeviceBatchSize"],
+            t["gradientAccumulationSteps"], t["maxLength"], t["maxPromptLength"],
+            t.get("maxResponseLength", t["maxLength"] - t["maxPromptLength"]), float(t["warmupRatio"]),
+            t["gradientCheckpointing"], t["lengthGrouping"], t["checkpointEverySteps"], t["port"]),
         overrides={o["iteration"]: {k: v for k, v in o.items() if k != "iteration"}
                    for o in raw.get("iterationOverrides") or []},
         image_generate=images.get("generate") or defaults.generate,
@@ -243,6 +251,16 @@ def semantic_errors(obj: dict[str, Any]) -> list[str]:
     t = spec.get("training") or {}
     if t.get("maxPromptLength", 0) >= t.get("maxLength", 1):
         errors.append("spec.training.maxPromptLength: must be below spec.training.maxLength")
+    if t.get("maxResponseLength", 0) >= t.get("maxLength", 1):
+        errors.append("spec.training.maxResponseLength: must be below spec.training.maxLength")
+    if "scheduleEpochs" in t:
+        epochs = [t.get("epochs", 0), *(o.get("epochs", 0) for o in spec.get("iterationOverrides") or [])]
+        if t["scheduleEpochs"] < max(epochs):
+            errors.append("spec.training.scheduleEpochs: must be at least spec.training.epochs and every "
+                          "iterationOverrides[].epochs")
+    if (spec.get("generation") or {}).get("promptFormat") == "paperInstruction" and \
+            "systemPrompt" in (spec.get("data") or {}):
+        errors.append("spec.data.systemPrompt: the paperInstruction prompt has no system turn")
     return errors
 
 

@@ -191,9 +191,11 @@ def step_outputs(store: Store, run: api.SpinRun, prefix: str, jobs: Iterable[pla
                 rec = json.loads(got[0])
                 records.append({"uri": f"{naming.synthetic_uri(prefix, j.iteration)}/{name}",
                                 "sha256": rec["sha256"], "rows": rec["rows"], "engine": rec["engine"],
-                                "modelDigest": rec["model_digest"]})
+                                "modelDigest": rec["model_digest"], "lengthStopped": rec["length_stopped"]})
             complete = len(records) == run.spec.generation.shards
-            outputs[(j.iteration, j.role)] = {"shards": records} if complete else None
+            # Samples cut at maxTokens: no end-of-turn token follows them, in scoring and training.
+            total = {"lengthStopped": sum(r["lengthStopped"] for r in records)}
+            outputs[(j.iteration, j.role)] = {"shards": records, **total} if complete else None
         else:
             got = store.get(f"i{j.iteration}/model/metrics.json")
             metrics = json.loads(got[0]) if got else None

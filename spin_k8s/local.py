@@ -69,14 +69,13 @@ class Result:
 
 # -- pure parts: what the kubelet and the Job controller would do --------------------------------------------
 def expand(value: str, env: Mapping[str, str]) -> str:
-    """Kubernetes' ``$(VAR)`` expansion: a defined variable is replaced, ``$$`` escapes, anything else stays."""
+    """Kubernetes' ``$(VAR)`` expansion, read left to right: ``$$`` is one ``$`` (so ``$$(VAR)`` stays literal),
+    a defined variable is replaced, anything else stays."""
 
     def repl(m: re.Match[str]) -> str:
-        if m.group(0).startswith("$$"):
-            return m.group(0)[1:]
-        return env.get(m.group(1), m.group(0))
+        return "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0))
 
-    return re.sub(r"\$\$\([A-Za-z_][A-Za-z0-9_.-]*\)|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", repl, value)
+    return re.sub(r"\$\$|\$\(([^)]*)\)", repl, value)
 
 
 def container_env(container: Mapping[str, Any], index: int) -> dict[str, str]:

@@ -73,6 +73,21 @@ def _pod_spec(run: api.SpinRun, container: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def literal(text: str) -> str:
+    """``text`` as a container argument the kubelet passes on unchanged: it expands ``$(VAR)`` in arguments,
+    and ``$$`` is its escape for one ``$``."""
+    return text.replace("$", "$$")
+
+
+def template_flags(run: api.SpinRun) -> list[str]:
+    """How both workers tokenize a pair: the same flags for both, so generation and training never differ."""
+    t = run.spec.training
+    flags = ["--prompt-format", run.spec.generation.prompt_format, "--max-response-length", str(t.max_response_length)]
+    if run.spec.system_prompt is not None:  # one argument: a text starting with "-" is no option, "" stays itself
+        flags.append(f"--system-prompt={literal(run.spec.system_prompt)}")
+    return flags
+
+
 def model_for(run: api.SpinRun, prefix: str, iteration: int) -> str:
     """The opponent of an iteration: the base model first, then the previous iteration's output."""
     return run.spec.model if iteration == 0 else naming.model_uri(prefix, iteration - 1)
@@ -87,7 +102,7 @@ def generate_command(run: api.SpinRun, prefix: str, iteration: int) -> list[str]
         "--run-name", run.name, "--iteration", str(iteration),
         "--temperature", repr(g.temperature), "--top-p", repr(g.top_p), "--max-tokens", str(g.max_tokens),
         "--max-prompt-length", str(t.max_prompt_length), "--max-length", str(t.max_length),
-        "--engine", g.engine,
+        *template_flags(run), "--engine", g.engine,
     ]
     if g.score_reference:
         command.append("--score-reference")
@@ -112,10 +127,12 @@ def train_command(run: api.SpinRun, prefix: str, iteration: int, attempt: int) -
         "--checkpoint-every", str(t.checkpoint_every_steps),
         "--zero-stage", str(t.zero_stage), "--precision", t.precision, "--optimizer", t.optimizer,
         "--learning-rate", repr(hyper.learning_rate), "--beta", repr(hyper.beta), "--loss-type", t.loss_type,
-        "--epochs", str(hyper.epochs), "--warmup-ratio", repr(t.warmup_ratio),
+        "--epochs", str(hyper.epochs), "--schedule-epochs", str(hyper.schedule_epochs),
+        "--warmup-ratio", repr(t.warmup_ratio),
+        "--length-grouping" if t.length_grouping else "--no-length-grouping",
         "--micro-batch-size", str(t.per_device_batch_size),
         "--gradient-accumulation-steps", str(t.gradient_accumulation_steps),
-        "--max-length", str(t.max_length), "--max-prompt-length", str(t.max_prompt_length),
+        "--max-length", str(t.max_length), "--max-prompt-length", str(t.max_prompt_length), *template_flags(run),
         "--gradient-checkpointing" if t.gradient_checkpointing else "--no-gradient-checkpointing",
         "--reference", "precomputed",
         *(["--holdout-fraction", repr(run.spec.held_out_fraction)] if run.spec.early_stop_accuracy is not None else []),

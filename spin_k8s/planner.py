@@ -142,7 +142,9 @@ def generate_record(run: api.SpinRun, prefix: str, job: JobView, output: dict[st
             "config": {"shards": run.spec.generation.shards, "temperature": run.spec.generation.temperature,
                        "topP": run.spec.generation.top_p, "maxTokens": run.spec.generation.max_tokens,
                        "engine": run.spec.generation.engine,
-                       "scoreReference": run.spec.generation.score_reference},
+                       "scoreReference": run.spec.generation.score_reference,
+                       "promptFormat": run.spec.generation.prompt_format, "systemPrompt": run.spec.system_prompt,
+                       "maxResponseLength": run.spec.training.max_response_length},
             **output}
 
 
@@ -155,6 +157,8 @@ def train_record(run: api.SpinRun, prefix: str, job: JobView, output: dict[str, 
             "dataMix": [naming.synthetic_uri(prefix, i) for i in range(first, t + 1)],
             "started": job.started, "finished": job.finished,
             "config": {"learningRate": hyper.learning_rate, "beta": hyper.beta, "epochs": hyper.epochs,
+                       "scheduleEpochs": hyper.schedule_epochs, "lengthGrouping": run.spec.training.length_grouping,
+                       "maxResponseLength": run.spec.training.max_response_length,
                        "nodes": run.spec.training.nodes, "gpusPerNode": run.spec.training.gpus_per_node,
                        "zeroStage": run.spec.training.zero_stage, "precision": run.spec.training.precision,
                        "optimizer": run.spec.training.optimizer, "lossType": run.spec.training.loss_type},

@@ -452,6 +452,21 @@ def test_invalid_spinruns_are_rejected_naming_the_field_and_create_nothing(
     assert {e.involved_object.name for e in events} <= {"witness"}
 
 
+def test_the_examples_are_accepted_by_the_api_server(api: client.ApiClient, crd: None, namespace: str) -> None:
+    """Every SpinRun under manifests/examples/, as a user applies it: a server-side dry run with strict field
+    validation (an unknown field is refused, not dropped) passes the schema and the CEL rules, and the server's
+    defaults are the ones offline validation (spinctl, the local executor) applies."""
+    objects = client.CustomObjectsApi(api)
+    examples = sorted((Path(__file__).parent.parent / "manifests" / "examples").glob("*.yaml"))
+    assert [p.name for p in examples] == ["tiny-cpu.yaml", "zephyr-7b-gpu.yaml", "zephyr-7b-paper.yaml"]
+    for path in examples:
+        body = yaml.safe_load(path.read_text())
+        served = objects.create_namespaced_custom_object(G, V, namespace, P, body, dry_run="All",
+                                                         field_validation="Strict")
+        assert served["spec"] == spin_api.load_defaulted(body)["spec"], path.name
+    assert objects.list_namespaced_custom_object(G, V, namespace, P)["items"] == []  # a dry run creates nothing
+
+
 def test_failed_generation_shard_reruns_alone(cluster: Cluster, api: client.ApiClient, crd: None, namespace: str,
                                               controllers: Controllers, s3_secret: str, assets: tiny.TinyAssets,
                                               s3_server: S3Server, bucket: str) -> None:

@@ -187,7 +187,7 @@ def paper_metrics(policy_dir: Path, reference_dir: Path, pairs: Sequence[task.Pa
                                                             seed=seed))
     real = [data.encode_response(tokenizer, p.prompt.text, p.response, max_length - len(ids))
             for p, ids in zip(pairs, prompts, strict=True)]
-    fake = [data.encode_response(tokenizer, p.prompt.text, s, max_length - len(ids))
+    fake = [data.encode_response(tokenizer, p.prompt.text, s.ids, max_length - len(ids), ended=not s.length_stopped)
             for p, ids, s in zip(pairs, prompts, sampled, strict=True)]
     sequences = [ids + r for ids, r in zip(prompts * 2, real + fake, strict=True)]
     lens = [len(ids) for ids in prompts * 2]

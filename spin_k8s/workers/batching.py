@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Global batches formed together from pairs of similar length when length grouping is on: enough to cut most
+# padding, few enough that a run of long batches stays short.
+GROUP_WINDOW = 8
+
 
 @dataclass(frozen=True)
 class Pair:

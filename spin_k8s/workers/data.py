@@ -146,32 +146,85 @@ def load_sft(uri: str) -> SftData:
 
 # --- The one prompt template -------------------------------------------------------------------------------
 
+PROMPT_FORMATS = ("chatTemplate", "paperInstruction")
+# The prompt of the authors' generation script (the paper's appendix B.1) is this text followed by a space. The
+# space is the first character of the answer here: a prompt ending in it tokenizes apart from the whole text under
+# every common tokenizer (byte-level BPE reads " Hello" as one token, SentencePiece "▁Hello"), so the prompt's
+# tokens would not be a prefix of the conversation's and no human answer could be tokenized in context. The text
+# the model reads is the authors' exactly; only the odd lone-space token their tokenizer call left at the prompt's
+# end is gone, as in the text's own tokenization.
+PAPER_INSTRUCTION = "### Instruction: {prompt}\n\n### Response:"
+PAPER_ANSWER_PREFIX = " "
 
-def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The model's own chat template around one user turn, ending where the assistant's answer starts."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+
+@dataclass(frozen=True)
+class Template:
+    """How a prompt becomes the text generation continues and training scores answers after: one value both
+    workers get from the spec (``generation.promptFormat``, ``data.systemPrompt``) and every shard records."""
+
+    format: str = "chatTemplate"  # chatTemplate: the model's chat template | paperInstruction: the authors' prompt
+    system_prompt: str | None = None  # chatTemplate only: a system turn before the user's ("" an empty one)
+
+    def __post_init__(self) -> None:
+        if self.format not in PROMPT_FORMATS:
+            raise ValueError(f"unknown prompt format {self.format!r}; expected one of {', '.join(PROMPT_FORMATS)}")
+        if self.format == "paperInstruction" and self.system_prompt is not None:
+            raise ValueError("the paperInstruction prompt has no system turn: leave the system prompt unset")
+
+    @property
+    def answer_prefix(self) -> str:
+        """Text between the prompt and the answer that belongs to the answer's tokens."""
+        return PAPER_ANSWER_PREFIX if self.format == "paperInstruction" else ""
+
+
+CHAT = Template()
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, template: Template = CHAT) -> str:
+    """The text before the answer: the model's own chat template around one user turn (after a system turn if
+    the template has one), ending where the assistant's answer starts; or the authors' instruction prompt."""
+    if template.format == "paperInstruction":
+        return PAPER_INSTRUCTION.format(prompt=prompt)
+    messages = [{"role": "user", "content": prompt}]
+    if template.system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": template.system_prompt})
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja2's TemplateError, raised by templates that refuse a system turn
+        if template.system_prompt is None:
+            raise
+        raise DataError(f"the model's chat template refuses a system turn ({exc}); leave data.systemPrompt "
+                        "unset") from exc
     assert isinstance(text, str)
     return text
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_length: int) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_length: int,
+                  template: Template = CHAT) -> list[int]:
     """Prompt token ids as generation feeds them and training scores after them.
 
     Too long a prompt keeps its *last* ``max_prompt_length`` tokens: the generation prompt that opens the
     assistant's turn sits at the end and must survive.
     """
-    ids: list[int] = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    ids: list[int] = tokenizer(prompt_text(tokenizer, prompt, template), add_special_tokens=False)["input_ids"]
     return ids[-max_prompt_length:]
 
 
+def response_room(max_length: int, prompt_len: int, max_response_length: int) -> int:
+    """Response tokens (end-of-turn included) that fit after a prompt of ``prompt_len`` tokens: what is left of
+    ``max_length``, and at most ``max_response_length`` (the authors: max length - max prompt length)."""
+    return min(max_response_length, max_length - prompt_len)
+
+
 def encode_response(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str | Sequence[int],
-                    room: int) -> list[int]:
-    """The answer to ``prompt`` followed by the end-of-turn token, cut to ``room`` tokens: exactly what training
-    scores after ``encode_prompt``'s tokens.
+                    room: int, template: Template = CHAT, *, ended: bool = True) -> list[int]:
+    """The answer to ``prompt``, followed by the end-of-turn token if it ``ended``, cut to ``room`` tokens:
+    exactly what training scores after ``encode_prompt``'s tokens.
 
     ``response`` is the token ids a generation engine sampled after those prompt tokens (scored as sampled, not
-    re-tokenized from the decoded text), or text: a human answer. Text is tokenized in its conversation: the
+    re-tokenized from the decoded text), or text: a human answer. ``ended=False`` is for a sample the engine
+    stopped at its token limit: no end-of-turn token follows it (appending one would mark every cut sample with a
+    free feature, "ends abruptly"). Text is tokenized in its conversation: the
     tokens of the templated prompt followed by the answer, less the templated prompt's own tokens (as TRL's DPO
     tokenization did). Alone, an answer tokenizes differently under SentencePiece-style tokenizers (Llama 2,
     Mistral, zephyr): it opens with a dummy-prefix token ("▁Hello") that never follows the assistant header in
@@ -188,9 +241,10 @@ def encode_response(tokenizer: PreTrainedTokenizerBase, prompt: str, response: s
     as answer: a separable feature again. So the row is refused, with the seam in the message.
     """
     if isinstance(response, str):
-        context = prompt_text(tokenizer, prompt)
+        context = prompt_text(tokenizer, prompt, template)
         head: list[int] = tokenizer(context, add_special_tokens=False)["input_ids"]
-        whole: list[int] = tokenizer(context + response, add_special_tokens=False)["input_ids"]
+        whole: list[int] = tokenizer(context + template.answer_prefix + response,
+                                     add_special_tokens=False)["input_ids"]
         if whole[:len(head)] != head:
             raise DataError(f"the answer {response[:40]!r} to the prompt {prompt[:40]!r} does not tokenize as a "
                             f"continuation of the prompt: the tokenizer joins the template's end "
@@ -201,7 +255,7 @@ def encode_response(tokenizer: PreTrainedTokenizerBase, prompt: str, response: s
         ids = list(response)
     eos = tokenizer.eos_token_id
     assert isinstance(eos, int), "the tokenizer needs an end-of-turn (eos) token"
-    return [*ids, eos][:max(room, 0)]
+    return [*ids, eos][:max(room, 0)] if ended else ids[:max(room, 0)]
 
 
 # --- Synthetic shards --------------------------------------------------------------------------------------
@@ -216,7 +270,10 @@ class SyntheticRow:
     prompt: str
     real: str
     generated: str
-    generated_ids: list[int]
+    generated_ids: list[int]  # without the end-of-turn token
+    # The engine stopped at its token limit, not at an end-of-turn token: none follows (False in older shards,
+    # which appended one to every sample).
+    length_stopped: bool = False
     ref_real_logp: float | None = None
     ref_generated_logp: float | None = None
 
@@ -228,7 +285,8 @@ class SyntheticRow:
 class ShardRecord:
     """The ``.done.json`` record of a finished shard, written last and once. ``model_digest`` identifies the
     opponent that generated (and, if ``scored``, scored) the rows; training trusts precomputed reference
-    log-probs only from a shard whose digest and length limits match its own."""
+    log-probs only from a shard whose digest and length limits match its own, and refuses a shard generated
+    under another prompt template than its own."""
 
     shard: int
     num_shards: int
@@ -243,6 +301,16 @@ class ShardRecord:
     max_prompt_length: int
     max_length: int
     data: str
+    # Defaults: what a record written before these fields existed meant (its scores are not trusted: no
+    # trainer's response cap is 0).
+    max_response_length: int = 0
+    prompt_format: str = "chatTemplate"
+    system_prompt: str | None = None
+    length_stopped: int = 0  # rows whose sample hit the token limit (``SyntheticRow.length_stopped``)
+
+    @property
+    def template(self) -> Template:
+        return Template(self.prompt_format, self.system_prompt)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

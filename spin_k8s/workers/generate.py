@@ -10,7 +10,9 @@ the real and the generated responses, so training can skip the reference model.
 Engines (``--engine``): vLLM, the production one and the default, or transformers (plain Hugging Face
 ``generate``: slow, for CPU tests and debugging). There is no fallback: asked for vLLM where it does not
 import, the worker exits 2 naming the import error. Both take prompt token ids from ``data.encode_prompt``
-(the template training uses) and return sampled token ids.
+(the template training uses: ``--prompt-format``, ``--system-prompt``) and return sampled token ids, and whether
+the sample stopped at ``--max-tokens`` rather than at the end-of-turn token (no end-of-turn token is then
+appended when it is scored or trained on; the shard record counts such rows).
 
     python -m spin_k8s.workers.generate --model s3://b/run/iter-0/model --data s3://b/sft.jsonl \\
         --output s3://b/run/iter-0/synthetic --num-shards 4 --run-name demo --iteration 0 --score-reference
@@ -25,6 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -62,12 +65,24 @@ class GenerateSettings:
     max_tokens: int
     max_prompt_length: int  # tokens; longer prompts keep their end
     max_length: int  # prompt + response tokens, as training will cut them (for scoring)
+    max_response_length: int  # response tokens (end-of-turn included) training keeps, at most
+    prompt_format: str  # data.PROMPT_FORMATS
+    system_prompt: str | None  # chatTemplate only; "" an empty system turn
     engine: str  # vllm | transformers
     score_reference: bool
     dtype: str  # auto | float32 | bfloat16
     batch_size: int  # prompts per forward, transformers engine only
     gpu_memory_utilization: float | None  # vLLM; None: 0.9 with a GPU, 0.1 on CPU (a share of RAM there)
     cache_dir: Path  # where s3:// models are downloaded
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response: its token ids without the end-of-turn token, and whether the engine stopped it at
+    the token limit instead (then it has no end-of-turn token at all)."""
+
+    ids: list[int]
+    length_stopped: bool
 
 
 def shard_seed(run_name: str, iteration: int, shard_index: int) -> int:
@@ -80,8 +95,8 @@ class Engine(Protocol):
     name: str
     version: str
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
-        """Sampled completion ids per prompt, without the end-of-turn token."""
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Sample]:
+        """One sample per prompt."""
 
     def score(self, sequences: list[list[int]], prompt_lens: list[int]) -> list[float]:
         """Summed log-probs of ``sequence[prompt_len:]`` given ``sequence[:prompt_len]``, per sequence."""
@@ -124,13 +139,15 @@ class VllmEngine:
     def _prompts(self, ids: list[list[int]]) -> list[Any]:
         return [self._vllm.inputs.TokensPrompt(prompt_token_ids=p) for p in ids]
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Sample]:
         # One seed per request makes each sample independent of how vLLM batches and schedules.
         params = [self._vllm.SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                             max_tokens=sampling.max_tokens, seed=sampling.seed + k)
                   for k in range(len(prompts))]
         outputs = self.llm.generate(self._prompts(prompts), params, use_tqdm=False)
-        return [_cut_at_eos(o.outputs[0].token_ids, self._eos) for o in outputs]
+        # finish_reason "length": stopped at max_tokens; "stop": at the end-of-turn token.
+        return [Sample(_cut_at_eos(o.outputs[0].token_ids, self._eos), o.outputs[0].finish_reason == "length")
+                for o in outputs]
 
     def score(self, sequences: list[list[int]], prompt_lens: list[int]) -> list[float]:
         # prompt_logprobs=0 returns the log-prob of each actual prompt token; the one sampled token is unused.
@@ -177,8 +194,8 @@ class TransformersEngine:
             mask[row, cols] = 1
         return ids, mask
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
-        out: list[list[int]] = []
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Sample]:
+        out: list[Sample] = []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start:start + self.batch_size]
             ids, mask = self._padded(batch, left=True)  # (B, T) each
@@ -189,7 +206,9 @@ class TransformersEngine:
                     input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_tokens, do_sample=not greedy,
                     temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
                     top_k=None, eos_token_id=self.eos, pad_token_id=self.pad)  # (B, T + new)
-            out.extend(_cut_at_eos(row.tolist(), self.eos) for row in sampled[:, ids.shape[1]:])
+            # A row that reached the end-of-turn token has it (then padding); one without it hit max_new_tokens.
+            out.extend(Sample(_cut_at_eos(row, self.eos), self.eos not in row)
+                       for row in sampled[:, ids.shape[1]:].tolist())
         return out
 
     def score(self, sequences: list[list[int]], prompt_lens: list[int]) -> list[float]:
@@ -259,8 +278,14 @@ def run(settings: GenerateSettings, engine: Engine | None = None) -> int:
     from transformers import AutoTokenizer
 
     model_dir = runtime.fetch_model(settings.model, settings.cache_dir)
+    # The opponent's digest reads every weight file (tens of seconds for a 7B model): it runs while the engine
+    # generates (hashlib releases the GIL), not after.
+    pool = ThreadPoolExecutor(max_workers=1)
+    digest = pool.submit(runtime.model_digest, model_dir)
+    pool.shutdown(wait=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [data.encode_prompt(tokenizer, ex.prompt, settings.max_prompt_length) for ex in examples]
+    template = data.Template(settings.prompt_format, settings.system_prompt)
+    prompts = [data.encode_prompt(tokenizer, ex.prompt, settings.max_prompt_length, template) for ex in examples]
     sampling = Sampling(settings.temperature, settings.top_p, settings.max_tokens,
                         shard_seed(settings.run_name, settings.iteration, i))
     owned = engine is None
@@ -269,26 +294,35 @@ def run(settings: GenerateSettings, engine: Engine | None = None) -> int:
         began = time.monotonic()
         generated = engine.generate(prompts, sampling) if prompts else []
         seconds = time.monotonic() - began
-        new_tokens = sum(len(g) for g in generated)
-        runtime.log(event="generated", rows=len(generated), tokens=new_tokens, seconds=round(seconds, 3),
-                    tokens_per_s=round(new_tokens / max(seconds, 1e-9), 1))
+        new_tokens = sum(len(g.ids) for g in generated)
+        length_stopped = sum(g.length_stopped for g in generated)
+        runtime.log(event="generated", rows=len(generated), tokens=new_tokens, length_stopped=length_stopped,
+                    seconds=round(seconds, 3), tokens_per_s=round(new_tokens / max(seconds, 1e-9), 1))
         ref_real: list[float | None] = [None] * len(examples)
         ref_generated: list[float | None] = [None] * len(examples)
         if settings.score_reference and examples:
+            began = time.monotonic()
+
+            def room(prompt: list[int]) -> int:
+                return data.response_room(settings.max_length, len(prompt), settings.max_response_length)
+
             # Scored exactly as training will tokenize them: real rows first, then generated ones.
-            responses: list[str | list[int]] = [*(ex.response for ex in examples), *generated]
-            sequences = [p + data.encode_response(tokenizer, ex.prompt, r, settings.max_length - len(p))
-                         for ex, p, r in zip(examples * 2, prompts * 2, responses, strict=True)]
+            sequences = [p + data.encode_response(tokenizer, ex.prompt, ex.response, room(p), template)
+                         for ex, p in zip(examples, prompts, strict=True)]
+            sequences += [p + data.encode_response(tokenizer, ex.prompt, g.ids, room(p), template,
+                                                   ended=not g.length_stopped)
+                          for ex, p, g in zip(examples, prompts, generated, strict=True)]
             scores = engine.score(sequences, [len(p) for p in prompts * 2])
             ref_real, ref_generated = list(scores[:len(examples)]), list(scores[len(examples):])
+            runtime.log(event="scored", sequences=len(sequences), seconds=round(time.monotonic() - began, 3))
     finally:
         if owned:
             engine.close()
 
     rows = [data.SyntheticRow(id=ex.id, prompt=ex.prompt, real=ex.response,
-                              generated=str(tokenizer.decode(ids, skip_special_tokens=True)), generated_ids=ids,
-                              ref_real_logp=rr, ref_generated_logp=rg)
-            for ex, ids, rr, rg in zip(examples, generated, ref_real, ref_generated, strict=True)]
+                              generated=str(tokenizer.decode(g.ids, skip_special_tokens=True)), generated_ids=g.ids,
+                              length_stopped=g.length_stopped, ref_real_logp=rr, ref_generated_logp=rg)
+            for ex, g, rr, rg in zip(examples, generated, ref_real, ref_generated, strict=True)]
     body = "".join(row.to_json() + "\n" for row in rows).encode()
     try:
         storage.write_bytes(shard_uri, body, if_absent=True)
@@ -299,8 +333,11 @@ def run(settings: GenerateSettings, engine: Engine | None = None) -> int:
     record = data.ShardRecord(
         shard=i, num_shards=n, rows=body.count(b"\n"), sha256=storage.sha256_bytes(body), engine=engine.name,
         engine_version=engine.version, sampling=asdict(sampling), model=settings.model,
-        model_digest=runtime.model_digest(model_dir), scored=settings.score_reference,
-        max_prompt_length=settings.max_prompt_length, max_length=settings.max_length, data=settings.data)
+        model_digest=digest.result(), scored=settings.score_reference,
+        max_prompt_length=settings.max_prompt_length, max_length=settings.max_length,
+        max_response_length=settings.max_response_length, prompt_format=settings.prompt_format,
+        system_prompt=settings.system_prompt, data=settings.data,
+        length_stopped=sum(json.loads(line)["length_stopped"] for line in body.splitlines()))
     try:
         storage.write_bytes(done_uri, record.to_json().encode(), if_absent=True)
     except storage.AlreadyExistsError:
@@ -340,6 +377,7 @@ def parser() -> argparse.ArgumentParser:
     a("--max-prompt-length", type=int, default=512, help="prompt tokens kept, from the end (default 512; example: 256)")
     a("--max-length", type=int, default=1024, help="prompt + response tokens as training cuts them, used "
       "when scoring; must equal training's (default 1024; example: 2048)")
+    runtime.add_template_flags(p)
     a("--engine", choices=ENGINES, default="vllm", help="vllm (the production engine; exit 2 if it does not "
       "import, no fallback) or transformers (slow: CPU tests and debugging) (default vllm; example: transformers)")
     a("--score-reference", action="store_true", help="also store the opponent's summed log-probs of the real "
@@ -369,11 +407,14 @@ def settings_from_args(argv: Sequence[str] | None) -> GenerateSettings:
         raise runtime.UsageError("need --max-tokens >= 1 and --max-length > --max-prompt-length >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise runtime.UsageError("need --temperature >= 0 and 0 < --top-p <= 1")
+    template = runtime.template_from_args(args)
     return GenerateSettings(
         model=args.model, data=args.data, output=args.output, shard_index=index, num_shards=args.num_shards,
         run_name=args.run_name, iteration=args.iteration, temperature=args.temperature, top_p=args.top_p,
         max_tokens=args.max_tokens, max_prompt_length=args.max_prompt_length, max_length=args.max_length,
-        engine=args.engine, score_reference=args.score_reference, dtype=args.dtype, batch_size=args.batch_size,
+        max_response_length=runtime.response_cap_from_args(args),
+        prompt_format=template.format, system_prompt=template.system_prompt, engine=args.engine,
+        score_reference=args.score_reference, dtype=args.dtype, batch_size=args.batch_size,
         gpu_memory_utilization=args.gpu_memory_utilization, cache_dir=args.cache_dir or runtime.default_cache_dir(),
     )
 

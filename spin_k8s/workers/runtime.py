@@ -7,6 +7,7 @@ else a crash worth a retry.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from spin_k8s import storage
-from spin_k8s.workers.data import DataError
+from spin_k8s.workers import data
 
 USAGE_EXIT = 2
 # What the training worker writes next to a model it saved, last: its metrics, the marker that the model is
@@ -39,9 +40,36 @@ def run_cli(main: Callable[[], int]) -> int:
     """Runs an entrypoint, turning bad input into ``error: ...`` on stderr and exit code 2."""
     try:
         return main()
-    except (UsageError, DataError, FileNotFoundError) as exc:
+    except (UsageError, data.DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return USAGE_EXIT
+
+
+def add_template_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags both workers take to tokenize a pair alike (the generation worker to sample and score, the
+    training worker to train): the prompt template and the response cap. Their values must be equal in both."""
+    a = parser.add_argument
+    a("--prompt-format", choices=data.PROMPT_FORMATS, default="chatTemplate", help="the prompt the model "
+      "continues and training scores answers after: chatTemplate = the model's chat template; paperInstruction "
+      "= the authors' '### Instruction: ... ### Response:' prompt (default chatTemplate; example: paperInstruction)")
+    a("--system-prompt", default=None, help="chatTemplate only: a system turn before each prompt; an empty "
+      "string adds an empty one, as the authors' trainer did (default none; example: --system-prompt=)")
+    a("--max-response-length", type=int, default=0, help="response tokens (end-of-turn included) kept at most; "
+      "0 = --max-length minus --max-prompt-length, as the authors (default 0; example: 768)")
+
+
+def template_from_args(args: argparse.Namespace) -> data.Template:
+    try:
+        return data.Template(args.prompt_format, args.system_prompt)
+    except ValueError as exc:
+        raise UsageError(f"--prompt-format {args.prompt_format} --system-prompt: {exc}") from exc
+
+
+def response_cap_from_args(args: argparse.Namespace) -> int:
+    """``--max-response-length``, or max length - max prompt length where it is 0."""
+    if args.max_response_length < 0:
+        raise UsageError("need --max-response-length >= 0")
+    return int(args.max_response_length or args.max_length - args.max_prompt_length)
 
 
 def model_digest(model_dir: Path) -> str:

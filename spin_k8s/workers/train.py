@@ -11,8 +11,9 @@ reference log-probs the shards carry on a sample against the trainer's own forwa
 they disagree -> fill the reference log-probs still missing (one no-grad pass of the initial model, before any
 update: at step 0 the policy is the reference) -> resume from the latest DeepSpeed checkpoint, if any -> train
 (forward, SPIN loss, backward, step, log, checkpoint) -> optional held-out evaluation -> Hugging Face checkpoint
-+ tokenizer, then ``metrics.json`` last. An output that already has ``metrics.json`` is finished: a rerun exits 0
-at once.
++ tokenizer, then ``metrics.json`` last. The policy trains without dropout (``disable_dropout``), and the
+learning-rate schedule may span more epochs than are trained (``--schedule-epochs``, as the authors' scripts).
+An output that already has ``metrics.json`` is finished: a rerun exits 0 at once.
 
 The reference check: a generation engine's log-probs (vLLM's kernels, often bf16, maybe another torch) differ
 from the trainer's, and any error enters the loss as beta times the margin error. So before step 0 the trainer
@@ -76,14 +77,18 @@ class TrainSettings:
     learning_rate: float
     beta: float
     loss_type: str  # sigmoid | hinge
-    warmup_ratio: float  # share of the steps with a linear warmup, then linear decay to 0
-    epochs: int
-    max_steps: int  # 0: epochs * (pairs // global batch)
-    length_grouping: int  # global batches formed together from pairs of similar length; 1: plain random
+    warmup_ratio: float  # share of the schedule's steps with a linear warmup, then linear decay to 0
+    epochs: int  # passes over the pairs: where training stops
+    schedule_epochs: int  # epochs the learning-rate schedule spans (>= epochs; the authors: 6, stopping after 2)
+    max_steps: int  # 0: epochs * (pairs // global batch); else the steps trained, and the schedule's if no epochs
+    length_grouping: bool  # global batches of pairs of similar length (batching.GROUP_WINDOW); off: plain random
     micro_batch_size: int  # pairs per process per forward
     gradient_accumulation_steps: int
     max_length: int  # prompt + response tokens
     max_prompt_length: int
+    max_response_length: int  # response tokens (end-of-turn included), at most
+    prompt_format: str  # data.PROMPT_FORMATS: must be the one the shards were generated with
+    system_prompt: str | None  # likewise
     max_grad_norm: float  # 0 disables clipping
     gradient_checkpointing: bool
     reference: str  # precomputed (shards, else one pass before training) | live (a frozen model copy)
@@ -91,6 +96,10 @@ class TrainSettings:
     reference_tolerance: float  # largest mean beta * |margin difference| trusted, in units of the loss's logit
     seed: int
     cache_dir: Path
+
+    @property
+    def template(self) -> data.Template:
+        return data.Template(self.prompt_format, self.system_prompt)
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,33 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return step / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def schedule_steps(s: TrainSettings, per_epoch: int) -> tuple[int, int]:
+    """(steps trained, steps the learning-rate schedule spans). The schedule may be longer than training: the
+    authors' scripts ran a 6-epoch linear schedule and stopped after 2, where the learning rate is still about
+    0.74 of its peak; a schedule as long as training would have decayed to 0 there."""
+    steps = s.max_steps or s.epochs * per_epoch
+    return steps, s.schedule_epochs * per_epoch if s.schedule_epochs else steps
+
+
+def disable_dropout(config: Any) -> dict[str, float]:
+    """Sets every dropout probability of a model config (and of its sub-configs) to 0, before the model is built
+    from it; returns the ones that were not 0, by name. The loss compares the policy, in training mode, with
+    reference log-probs computed without dropout: with dropout on, the step-0 loss would not be ln 2 and every
+    margin would carry noise (TRL's DPO trainer, the authors' base, disables it too). Attention dropout is a
+    config value read by the attention function, not a module: zeroing modules alone would miss it."""
+    from transformers import PretrainedConfig
+
+    was: dict[str, float] = {}
+    for name, value in vars(config).items():
+        if isinstance(value, PretrainedConfig):
+            was.update({f"{name}.{k}": v for k, v in disable_dropout(value).items()})
+        elif (name.endswith("dropout") or name.endswith("pdrop")) and isinstance(value, float):
+            if value:
+                was[name] = value
+            setattr(config, name, 0.0)
+    return was
 
 
 def deepspeed_config(s: TrainSettings, world_size: int, node_local_checkpoints: bool) -> dict[str, Any]:
@@ -169,17 +205,22 @@ def load_pairs(uris: Sequence[str], tokenizer: PreTrainedTokenizerBase, s: Train
         for row, record in data.load_synthetic(uri).rows:
             if held_out is not None and data.is_held_out(row.id, s.holdout_fraction) != held_out:
                 continue
-            prompt = data.encode_prompt(tokenizer, row.prompt, s.max_prompt_length)
-            room = s.max_length - len(prompt)
+            if record.template != s.template:
+                raise data.DataError(f"{uri}: shard {record.shard} was generated with the prompt {record.template}, "
+                                     f"training uses {s.template}: its samples answer another prompt")
+            prompt = data.encode_prompt(tokenizer, row.prompt, s.max_prompt_length, s.template)
+            room = data.response_room(s.max_length, len(prompt), s.max_response_length)
+            limits = (record.max_length, record.max_prompt_length, record.max_response_length)
             trusted = (record.scored and record.model_digest == ref_digest
-                       and (record.max_length, record.max_prompt_length) == (s.max_length, s.max_prompt_length))
+                       and limits == (s.max_length, s.max_prompt_length, s.max_response_length))
             try:
-                real = data.encode_response(tokenizer, row.prompt, row.real, room)
+                real = data.encode_response(tokenizer, row.prompt, row.real, room, s.template)
             except data.DataError as exc:
                 raise data.DataError(f"{uri}: row {row.id}: {exc}") from exc
             pairs.append(batching.Pair(
                 real=prompt + real,
-                generated=prompt + data.encode_response(tokenizer, row.prompt, row.generated_ids, room),
+                generated=prompt + data.encode_response(tokenizer, row.prompt, row.generated_ids, room, s.template,
+                                                        ended=not row.length_stopped),
                 prompt_len=len(prompt),
                 ref_real=row.ref_real_logp if trusted else None,
                 ref_generated=row.ref_generated_logp if trusted else None,
@@ -362,7 +403,7 @@ def train(s: TrainSettings) -> int:
 
     import deepspeed
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     from spin_k8s.workers.loss import spin_loss
@@ -385,10 +426,11 @@ def train(s: TrainSettings) -> int:
         raise data.DataError(f"{len(pairs)} pairs cannot fill one global batch of {global_batch} "
                              f"(micro batch x accumulation x world size)")
     per_epoch = len(pairs) // global_batch
-    steps = s.max_steps or s.epochs * per_epoch
+    steps, schedule = schedule_steps(s, per_epoch)
     lengths = [p.length for p in pairs]
+    window = batching.GROUP_WINDOW if s.length_grouping else 1
     epoch_batches = functools.lru_cache(maxsize=1)(
-        lambda epoch: batching.epoch_batches(lengths, global_batch, s.seed, epoch, s.length_grouping))
+        lambda epoch: batching.epoch_batches(lengths, global_batch, s.seed, epoch, window))
 
     ds_config = deepspeed_config(s, dist.world_size, node_local_checkpoints=storage.is_s3(s.checkpoint_dir or ""))
     compute_dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
@@ -397,16 +439,21 @@ def train(s: TrainSettings) -> int:
         ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute_dtype).requires_grad_(False)
     # Kept alive while the policy loads: under ZeRO-3 it makes from_pretrained partition weights as it loads.
     zero3_loading = HfDeepSpeedConfig(ds_config) if s.zero_stage == 3 else None  # type: ignore[no-untyped-call]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(model_dir)
+    dropout = disable_dropout(config)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    for module in model.modules():  # dropout an architecture builds with a fixed probability, not from its config
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p = 0.0
     model.config.use_cache = False
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer_class = torch.optim.RMSprop if s.optimizer == "rmsprop" else torch.optim.AdamW
     optimizer = optimizer_class(model.parameters(), lr=s.learning_rate, weight_decay=0.0)
-    warmup = math.ceil(s.warmup_ratio * steps)
+    warmup = math.ceil(s.warmup_ratio * schedule)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: linear_schedule(k, steps, warmup)))
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: linear_schedule(k, schedule, warmup)))
     if ref_model is not None:
         ref_model.to(engine.device)
 
@@ -438,7 +485,8 @@ def train(s: TrainSettings) -> int:
     if dist.rank == 0:
         # Under ZeRO-3 a parameter's data is only this rank's partition; ds_numel is the whole size.
         params = list(engine.module.parameters())
-        runtime.log(event="start", pairs=len(pairs), eval_pairs=len(eval_pairs), steps=steps, first_step=start + 1,
+        runtime.log(event="start", pairs=len(pairs), eval_pairs=len(eval_pairs), steps=steps, schedule_steps=schedule,
+                    warmup_steps=warmup, first_step=start + 1, dropout_disabled=dropout,
                     global_batch=global_batch, world_size=dist.world_size, zero_stage=s.zero_stage,
                     parameters=sum(getattr(p, "ds_numel", p.numel()) for p in params),
                     parameters_on_rank=sum(getattr(p, "ds_tensor", p).numel() for p in params))
@@ -480,7 +528,8 @@ def train(s: TrainSettings) -> int:
             save_checkpoint(engine, s, dist, step + 1, history)
 
     summary: dict[str, Any] = {
-        "iteration": s.iteration, "steps": steps, "pairs": len(pairs), "global_batch": global_batch,
+        "iteration": s.iteration, "steps": steps, "schedule_steps": schedule, "pairs": len(pairs),
+        "global_batch": global_batch, "dropout_disabled": dropout,
         "world_size": dist.world_size, "reference": ref_counts, "reference_check": check,
         "final": history[-1] if history else {},
         "tokens/s": sum(h["tokens"] for h in history) / max(sum(h["seconds"] for h in history), 1e-9),
@@ -535,19 +584,23 @@ def parser() -> argparse.ArgumentParser:
     a("--learning-rate", type=float, default=5e-7, help="peak learning rate (default 5e-7; example: 1e-7)")
     a("--beta", type=float, default=0.1, help="SPIN beta (default 0.1; example: 5.0)")
     a("--loss-type", choices=LOSS_TYPES, default="sigmoid", help="SPIN loss (default sigmoid; example: hinge)")
-    a("--warmup-ratio", type=float, default=0.1,
-      help="share of steps warming up linearly, then linear decay to 0 (default 0.1; example: 0)")
-    a("--epochs", type=int, default=2, help="passes over the pairs (default 2, as in the paper; example: 3)")
-    a("--max-steps", type=int, default=0, help="optimizer steps, overriding --epochs; 0 = from epochs "
-      "(default 0; example: 500)")
-    a("--length-grouping", type=int, default=8, help="cut padding: each run of this many global batches is "
-      "formed from pairs of similar length, then the batches are shuffled; 1 = plain random batches "
-      "(default 8; example: 1)")
+    a("--warmup-ratio", type=float, default=0.1, help="share of the schedule's steps warming up linearly, then "
+      "linear decay to 0 (default 0.1; example: 0)")
+    a("--epochs", type=int, default=2, help="passes over the pairs: where training stops (default 2, as in the "
+      "paper; example: 3)")
+    a("--schedule-epochs", type=int, default=0, help="epochs the learning-rate schedule spans, at least --epochs: "
+      "training stops before the learning rate reaches 0; 0 = --epochs (default 0; the authors' scripts: 6)")
+    a("--max-steps", type=int, default=0, help="optimizer steps, overriding --epochs (and the schedule's length "
+      "unless --schedule-epochs); 0 = from epochs (default 0; example: 500)")
+    a("--length-grouping", action=argparse.BooleanOptionalAction, default=True, help="cut padding: each run of "
+      f"{batching.GROUP_WINDOW} global batches is formed from pairs of similar length, then the batches are "
+      "shuffled; off: plain random batches, as the authors (default on; example: --no-length-grouping)")
     a("--micro-batch-size", type=int, default=8, help="pairs per process per forward (default 8; example: 4)")
     a("--gradient-accumulation-steps", type=int, default=1,
       help="micro-batches per optimizer step (default 1; example: 4)")
     a("--max-length", type=int, default=1024, help="prompt + response tokens (default 1024; example: 2048)")
     a("--max-prompt-length", type=int, default=512, help="prompt tokens, kept from the end (default 512; example: 256)")
+    runtime.add_template_flags(p)
     a("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 = off (default 1.0; example: 0)")
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
       help="recompute activations in backward to save memory (default on; example: --no-gradient-checkpointing)")
@@ -570,11 +623,12 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
     args = parser().parse_args(argv)
-    numbers = (args.micro_batch_size, args.gradient_accumulation_steps, args.epochs or args.max_steps,
-               args.length_grouping)
-    if min(numbers) < 1 or args.max_steps < 0 or args.checkpoint_every < 0 or args.keep_previous < 0:
-        raise runtime.UsageError("batch sizes, accumulation, length grouping and epochs/steps must be >= 1; "
-                                 "counts >= 0")
+    numbers = (args.micro_batch_size, args.gradient_accumulation_steps, args.epochs or args.max_steps)
+    counts = (args.max_steps, args.checkpoint_every, args.keep_previous, args.schedule_epochs)
+    if min(numbers) < 1 or min(counts) < 0:
+        raise runtime.UsageError("batch sizes, accumulation and epochs/steps must be >= 1; counts >= 0")
+    if args.schedule_epochs and not args.max_steps and args.schedule_epochs < args.epochs:
+        raise runtime.UsageError("need --schedule-epochs >= --epochs: the schedule cannot end before training")
     if args.max_prompt_length < 1 or args.max_length <= args.max_prompt_length:
         raise runtime.UsageError("need --max-length > --max-prompt-length >= 1")
     if not 0 <= args.warmup_ratio < 1 or args.learning_rate <= 0 or args.beta <= 0:
@@ -585,16 +639,19 @@ def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
         raise runtime.UsageError("need --reference-check-pairs >= 0 and --reference-tolerance >= 0")
     if args.checkpoint_every and not args.checkpoint_dir:
         raise runtime.UsageError("--checkpoint-every needs --checkpoint-dir")
+    template = runtime.template_from_args(args)
     return TrainSettings(
         model=args.model, synthetic=data.parse_assignments(args.synthetic), iteration=args.iteration,
         keep_previous=args.keep_previous, output=args.output, eval_data=args.eval_data,
         holdout_fraction=args.holdout_fraction,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, zero_stage=args.zero_stage,
         precision=args.precision, optimizer=args.optimizer, learning_rate=args.learning_rate, beta=args.beta,
-        loss_type=args.loss_type, warmup_ratio=args.warmup_ratio, epochs=args.epochs, max_steps=args.max_steps,
-        length_grouping=args.length_grouping,
+        loss_type=args.loss_type, warmup_ratio=args.warmup_ratio, epochs=args.epochs,
+        schedule_epochs=args.schedule_epochs, max_steps=args.max_steps, length_grouping=args.length_grouping,
         micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_length=args.max_length, max_prompt_length=args.max_prompt_length, max_grad_norm=args.max_grad_norm,
+        max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+        max_response_length=runtime.response_cap_from_args(args), prompt_format=template.format,
+        system_prompt=template.system_prompt, max_grad_norm=args.max_grad_norm,
         gradient_checkpointing=args.gradient_checkpointing, reference=args.reference,
         reference_check_pairs=args.reference_check_pairs, reference_tolerance=args.reference_tolerance, seed=args.seed,
         cache_dir=args.cache_dir or runtime.default_cache_dir(),

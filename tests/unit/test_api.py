@@ -26,9 +26,30 @@ def test_iteration_overrides_apply_to_their_iteration_only() -> None:
     obj["spec"]["iterations"] = 4
     obj["spec"]["iterationOverrides"] = [{"iteration": 2, "learningRate": 1e-7}, {"iteration": 3, "beta": 5.0}]
     spec = api.parse(api.load_defaulted(obj)).spec
-    assert spec.hyper(0) == api.Hyper(5e-7, 0.1, 2)
-    assert spec.hyper(2) == api.Hyper(1e-7, 0.1, 2)
-    assert spec.hyper(3) == api.Hyper(5e-7, 5.0, 2)
+    assert spec.hyper(0) == api.Hyper(5e-7, 0.1, 2, 2)
+    assert spec.hyper(2) == api.Hyper(1e-7, 0.1, 2, 2)
+    assert spec.hyper(3) == api.Hyper(5e-7, 5.0, 2, 2)
+
+
+def test_fidelity_fields_default_to_our_choices_and_take_the_authors() -> None:
+    """Unset: the chat template without a system turn, a schedule as long as each iteration's training,
+    length-grouped batches, responses capped at maxLength - maxPromptLength. Set: the authors' settings."""
+    obj = valid()
+    obj["spec"]["training"] = {"maxLength": 1024, "maxPromptLength": 400}
+    obj["spec"]["iterationOverrides"] = [{"iteration": 1, "epochs": 3}]
+    spec = api.parse(api.load_defaulted(obj)).spec
+    assert (spec.generation.prompt_format, spec.system_prompt) == ("chatTemplate", None)
+    assert (spec.training.schedule_epochs, spec.hyper(0).schedule_epochs, spec.hyper(1).schedule_epochs) == (None, 2, 3)
+    assert (spec.training.length_grouping, spec.training.max_response_length) == (True, 624)
+
+    obj["spec"]["data"] = {"systemPrompt": ""}
+    obj["spec"]["generation"] = {"temperature": 0}
+    obj["spec"]["training"].update(scheduleEpochs=6, lengthGrouping=False, maxResponseLength=300)
+    assert offline_errors(obj) == []
+    spec = api.parse(api.load_defaulted(obj)).spec
+    assert spec.system_prompt == "" and spec.generation.temperature == 0.0
+    assert [(spec.hyper(t).epochs, spec.hyper(t).schedule_epochs) for t in (0, 1)] == [(2, 6), (3, 6)]
+    assert (spec.training.length_grouping, spec.training.max_response_length) == (False, 300)
 
 
 @pytest.mark.parametrize(("why", "obj", "field"), cases(), ids=[c[0] for c in cases()])

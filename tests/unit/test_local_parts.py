@@ -29,6 +29,7 @@ def test_expand_follows_kubernetes_rules() -> None:
     assert local.expand("$(A)-$(A)", env) == "x-x"
     assert local.expand("$$(A)", env) == "$(A)"  # escaped: stays literal
     assert local.expand("$(UNDEFINED) $A ${A}", env) == "$(UNDEFINED) $A ${A}"  # only $(NAME) of defined names
+    assert local.expand("$$5 $$$(A) $$$$(A) $(", env) == "$5 $x $$(A) $("  # $$ is one $, read left to right
 
 
 def test_container_env_adds_the_completion_index_and_expands_in_order() -> None:

@@ -1,5 +1,6 @@
 """The generation worker with both engines: exact shard partition, determinism, idempotent reruns, the
-training template, and reference scores that agree with the trainer's own forward."""
+training template (the chat template, with a system turn, or the authors' instruction prompt), samples cut at the
+token limit (no end-of-turn token), and reference scores that agree with the trainer's own forward."""
 
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ def train_settings(**overrides: object) -> train.TrainSettings:
     return dataclasses.replace(args, **overrides)  # type: ignore[arg-type]
 
 
-def training_pairs(assets: tiny.TinyAssets, synthetic: Path | str) -> list[batching.Pair]:
-    """The pairs exactly as the training worker tokenizes them."""
+def training_pairs(assets: tiny.TinyAssets, synthetic: Path | str, **settings: object) -> list[batching.Pair]:
+    """The pairs exactly as the training worker tokenizes them (``settings``: its settings that differ)."""
     tok = AutoTokenizer.from_pretrained(assets.model_dir)
-    return train.load_pairs([str(synthetic)], tok, train_settings(), storage.digest_dir(assets.model_dir))
+    return train.load_pairs([str(synthetic)], tok, train_settings(**settings), storage.digest_dir(assets.model_dir))
 
 
 def check_partition(output: Path, num_shards: int, total: int) -> None:
@@ -44,25 +45,26 @@ def check_partition(output: Path, num_shards: int, total: int) -> None:
     assert sorted(ids) == list(range(total))  # no prompt lost, none twice
 
 
-def check_greedy_is_argmax_of_training_forward(assets: tiny.TinyAssets, output: Path, tol: float) -> None:
+def check_greedy_is_argmax_of_training_forward(assets: tiny.TinyAssets, output: Path, tol: float,
+                                                **settings: object) -> None:
     """Greedy samples are the argmax of the model at each position of the sequence *training* builds: if
     generation had used another prompt than training, the argmax would differ."""
     model = AutoModelForCausalLM.from_pretrained(assets.model_dir)
     checked = 0
-    for pair in training_pairs(assets, output):
+    for pair in training_pairs(assets, output, **settings):
         ids = torch.tensor([pair.generated])  # (1, T)
         with torch.no_grad():
             logps = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)  # (T, V)
-        for pos in range(pair.prompt_len, len(pair.generated) - 1):  # the last token is the appended eos
+        for pos in range(pair.prompt_len, len(pair.generated) - 1):  # the last token may be an appended eos
             token = pair.generated[pos]
             assert logps[pos - 1].max() - logps[pos - 1, token] <= tol, (pos, token)
             checked += 1
     assert checked > 50
 
 
-def check_scores_match_trainer(assets: tiny.TinyAssets, output: Path, tol: float) -> None:
+def check_scores_match_trainer(assets: tiny.TinyAssets, output: Path, tol: float, **settings: object) -> None:
     model = AutoModelForCausalLM.from_pretrained(assets.model_dir)
-    pairs = training_pairs(assets, output)
+    pairs = training_pairs(assets, output, **settings)
     assert all(p.ref_real is not None and p.ref_generated is not None for p in pairs)
     batch = batching.collate(pairs, pad_id=0)
     with torch.no_grad():
@@ -123,6 +125,48 @@ def test_a_shard_stored_without_its_record_is_kept_and_completed(tiny_assets: ti
 def test_greedy_generation_uses_the_training_prompt(tiny_assets: tiny.TinyAssets, tmp_path: Path) -> None:
     assert generate.main(generate_args(tiny_assets, tmp_path, "--temperature", "0")) == 0
     check_greedy_is_argmax_of_training_forward(tiny_assets, tmp_path, tol=1e-5)
+
+
+@pytest.mark.parametrize(("flags", "settings"), [
+    (["--prompt-format", "paperInstruction"], {"prompt_format": "paperInstruction"}),
+    (["--system-prompt="], {"system_prompt": ""}),
+], ids=["paper-instruction", "empty-system-turn"])
+def test_greedy_generation_uses_the_training_template(tiny_assets: tiny.TinyAssets, tmp_path: Path,
+                                                      flags: list[str], settings: dict[str, object]) -> None:
+    """Each template reaches the samples as training reads them, is recorded, and training refuses the shard
+    under another template (its samples answer another prompt)."""
+    assert generate.main(generate_args(tiny_assets, tmp_path, "--temperature", "0", *flags)) == 0
+    record = data.ShardRecord.from_json((tmp_path / data.done_name(0, 1)).read_bytes())
+    assert record.template == data.Template(**{"format" if k == "prompt_format" else k: v  # type: ignore[arg-type]
+                                               for k, v in settings.items()})
+    check_greedy_is_argmax_of_training_forward(tiny_assets, tmp_path, tol=1e-5, **settings)
+    with pytest.raises(data.DataError, match=r"was generated with the prompt Template\(.*training uses "
+                                             r"Template\(format='chatTemplate', system_prompt=None\)"):
+        training_pairs(tiny_assets, tmp_path)
+
+
+def test_samples_cut_at_the_token_limit_carry_no_end_of_turn(tiny_assets: tiny.TinyAssets, tmp_path: Path) -> None:
+    """The random tiny model rarely samples its end-of-turn token: over 200 tokens some samples reach it, most
+    are cut. A cut sample is stored, scored and trained on without an end-of-turn token; the record and its
+    lineage count them."""
+    limits = {"max_length": 256, "max_prompt_length": MAX_PROMPT_LENGTH, "max_response_length": 256 - MAX_PROMPT_LENGTH}
+    args = generate_args(tiny_assets, tmp_path, "--score-reference")
+    args[args.index("--max-tokens") + 1], args[args.index("--max-length") + 1] = "200", "256"
+    assert generate.main(args) == 0
+    rows = [row for row, _ in data.load_synthetic(str(tmp_path)).rows]
+    cut = [row.length_stopped for row in rows]
+    assert 0 < sum(cut) < len(rows)
+    assert cut == [len(row.generated_ids) == 200 for row in rows]
+    record = data.ShardRecord.from_json((tmp_path / data.done_name(0, 1)).read_bytes())
+    assert (record.length_stopped, record.max_response_length) == (sum(cut), 256 - MAX_PROMPT_LENGTH)
+    eos = AutoTokenizer.from_pretrained(tiny_assets.model_dir).eos_token_id
+    pairs = training_pairs(tiny_assets, tmp_path, **limits)
+    assert [p.generated[-1] == eos for p in pairs] == [not c for c in cut]
+    assert [len(p.generated) - p.prompt_len for p in pairs] == [len(r.generated_ids) + (not c)
+                                                                for r, c in zip(rows, cut, strict=True)]
+    # Sums of ~200 float32 log-probs near -1200 differ by a few 1e-4 between batchings; an end-of-turn token
+    # scored on one side only would differ by its log-prob, about -6 here.
+    check_scores_match_trainer(tiny_assets, tmp_path, tol=1e-3, **limits)
 
 
 def test_reference_scores_equal_the_trainers(tiny_assets: tiny.TinyAssets, synthetic: Path) -> None:
