@@ -3,18 +3,23 @@ writes and helm all behave as they do on a real cluster."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import urllib.request
+from typing import Any
 
 import botocore.exceptions
 import pytest
+from invalid_specs import valid
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from spin_k8s import api as spin_api
 from spin_k8s.testing import tools
 from spin_k8s.testing.cluster import Cluster
 from spin_k8s.testing.processes import wait_until
-from spin_k8s.testing.s3 import S3Server
+from spin_k8s.testing.s3 import MAX_VOLUMES, S3Server
 
 pytestmark = pytest.mark.cluster
 
@@ -180,6 +185,14 @@ def test_s3_conditional_put_on_existing_key_fails_with_412(s3_server: S3Server, 
 
 
 @pytest.mark.s3
+def test_s3_has_a_volume_for_every_bucket_a_session_makes_whatever_the_free_disk(s3_server: S3Server) -> None:
+    """weed's default allowance is (free disk / volume size) volumes, one per bucket: with 12 GiB free a CI
+    run's 13th bucket could not be written. The master must offer MAX_VOLUMES however full the disk is."""
+    status = json.load(urllib.request.urlopen(f"{s3_server.master_url}/dir/status"))
+    assert status["Topology"]["Max"] == MAX_VOLUMES
+
+
+@pytest.mark.s3
 def test_s3_rejects_wrong_credentials(s3_server: S3Server, bucket: str) -> None:
     import boto3
 
@@ -204,3 +217,106 @@ def test_helm_install_wait(cluster: Cluster, api: client.ApiClient, namespace: s
                                                                              "main"), 10)
     done = subprocess.run([*helm, "uninstall", "tiny", "--wait"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_spinrun_fields_that_define_a_run_are_immutable_and_suspend_is_not(api: client.ApiClient, crd: None,
+                                                                           namespace: str) -> None:
+    """Changing storage.uri mid-run ended in OutputMissing: the API server now refuses any change to what defines a
+    run (CEL transition rules), naming the field, while what spinctl suspend / resume and users change during a run
+    (suspend, the resume annotation, restartLimit, pod placement) is still accepted."""
+    objects = client.CustomObjectsApi(api)
+    G, V, P = spin_api.GROUP, spin_api.VERSION, spin_api.PLURAL
+    body = valid("frozen")
+    body["spec"].update(suspend=True, iterationOverrides=[{"iteration": 1, "beta": 5.0}])
+    created = objects.create_namespaced_custom_object(G, V, namespace, P, body)
+
+    def refusal(spec: dict[str, object]) -> str:
+        with pytest.raises(ApiException) as refused:
+            objects.patch_namespaced_custom_object(G, V, namespace, P, "frozen", {"spec": spec})
+        assert refused.value.status == 422, refused.value.body
+        message: str = json.loads(refused.value.body)["message"]
+        return message
+
+    assert "spec.storage: Invalid value: storage is immutable once the run is created" in refusal(
+        {"storage": {"uri": "s3://elsewhere/runs"}})
+    changes: list[tuple[str, dict[str, object]]] = [
+        ("storage", {"storage": {"credentialsSecret": "s3"}}),
+        ("model", {"model": "s3://models/other"}), ("dataset", {"dataset": "s3://data/other.jsonl"}),
+        ("iterations", {"iterations": 3}), ("data", {"data": {"systemPrompt": ""}}),
+        ("generation", {"generation": {"temperature": 0}}), ("training", {"training": {"learningRate": 1e-6}}),
+        ("iterationOverrides", {"iterationOverrides": [{"iteration": 1, "beta": 1.0}]}),
+        ("iterationOverrides", {"iterationOverrides": None}),  # removed: the field's own rule is not evaluated
+        ("earlyStop", {"earlyStop": {"minRewardAccuracy": 0.6}}),  # added
+    ]
+    for field, spec in changes:
+        assert f"spec.{field}: " in (message := refusal(spec)), (spec, message)
+        assert f"{field} is immutable once the run is created" in message, (spec, message)
+    # What was refused was not stored; what spinctl resume and a user change during a run is accepted.
+    resumed = objects.patch_namespaced_custom_object(G, V, namespace, P, "frozen", {
+        "metadata": {"annotations": {spin_api.RESUME_ANNOTATION: "1"}}, "spec": {"suspend": False}})
+    assert resumed["spec"]["suspend"] is False
+    changed = objects.patch_namespaced_custom_object(G, V, namespace, P, "frozen", {"spec": {
+        "suspend": True, "restartLimit": 5, "queueName": "team-a", "podLabels": {"team": "a"},
+        "images": {"pullPolicy": "Always"}, "nodeSelector": {"pool": "gpu"}}})
+    assert (changed["spec"]["restartLimit"], changed["spec"]["podLabels"]) == (5, {"team": "a"})
+    assert {k: v for k, v in changed["spec"].items() if k in {"storage", "model", "iterations", "training",
+                                                              "iterationOverrides", "earlyStop"}} == {
+        k: v for k, v in created["spec"].items() if k in {"storage", "model", "iterations", "training",
+                                                         "iterationOverrides", "earlyStop"}}
+    # The status subresource is not held by the rules: the controller writes it throughout.
+    objects.patch_namespaced_custom_object_status(G, V, namespace, P, "frozen", {"status": {"phase": "Training"}})
+
+
+def test_spinrun_names_and_queue_names_are_refused_at_create_time(api: client.ApiClient, crd: None,
+                                                                  namespace: str) -> None:
+    """Names that are legal for objects but not for the Services, pod hostnames or labels derived from them."""
+    objects = client.CustomObjectsApi(api)
+    G, V, P = spin_api.GROUP, spin_api.VERSION, spin_api.PLURAL
+
+    def create(body: dict[str, object]) -> None:
+        objects.create_namespaced_custom_object(G, V, namespace, P, body, dry_run="All", field_validation="Strict")
+
+    for name in ("run.v2", "7run", "run-"):
+        with pytest.raises(ApiException) as refused:
+            create(valid(name))
+        assert refused.value.status == 422
+        assert "metadata.name must be a DNS-1035 label" in json.loads(refused.value.body)["message"], name
+    for queue in ("team a", "team/gpu", "-team", ""):
+        body = valid("queued")
+        body["spec"]["queueName"] = queue
+        with pytest.raises(ApiException) as refused:
+            create(body)
+        assert refused.value.status == 422 and "spec.queueName: Invalid value" in refused.value.body, queue
+    body = valid("queued")
+    body["spec"]["queueName"] = "Team_A.gpu-1"
+    create(body)
+
+
+def test_kubectl_explain_describes_every_spinrun_field(cluster: Cluster, crd: None) -> None:
+    """The OpenAPI document the API server publishes for SpinRuns (what `kubectl explain` reads) has a
+    description on every property, metadata excepted (ObjectMeta's own is shown)."""
+    kubectl = [str(tools.kube_binary("kubectl")), f"--kubeconfig={cluster.kubeconfig}"]
+
+    def published() -> Any:
+        raw = subprocess.run([*kubectl, "get", "--raw", f"/openapi/v3/apis/{spin_api.GROUP}/{spin_api.VERSION}"],
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(raw)["components"]["schemas"].get(f"dev.selfplay.{spin_api.VERSION}.SpinRun")
+
+    schema = wait_until("the SpinRun OpenAPI schema", published, 30)
+    undescribed: list[str] = []
+
+    def walk(node: dict[str, Any], where: str) -> None:
+        for name, prop in (node.get("properties") or {}).items():
+            here = f"{where}.{name}"
+            if here != "SpinRun.metadata" and not prop.get("description"):
+                undescribed.append(here)
+            walk(prop, here)
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{where}[]")
+
+    walk(schema, "SpinRun")
+    assert undescribed == []
+    explained = subprocess.run([*kubectl, "explain", "spinruns.spec.storage.uri"], capture_output=True, text=True,
+                               check=False)
+    assert explained.returncode == 0, explained.stderr
+    assert "Prefix for everything the run writes" in explained.stdout

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from kubernetes import client, config
 
-from spin_k8s.testing import pki, tools
+from spin_k8s.testing import images, pki, tools
 from spin_k8s.testing.node import KUBERNETES_SERVICE_IP, NODE_IP, RealNode, node_ready
 from spin_k8s.testing.processes import Process, free_port, start_process, wait_until, write_kubeconfig
 
@@ -38,6 +38,7 @@ class Cluster:
     node_name: str = NODE_NAME
     # A real node (kubelet, containerd, pod network, CoreDNS: spin_k8s/testing/node.py) instead of the agent.
     real_node: bool = False
+    node_images: tuple[str, ...] = images.RUNNABLE  # what a real node imports (GiBs: import only what runs)
     processes: list[Process] = field(default_factory=list)
     apiserver_port: int = 0
     node: RealNode | None = None
@@ -81,7 +82,7 @@ class Cluster:
         self.root.mkdir(parents=True, exist_ok=True)
         logs = self.root / "logs"
         if self.real_node:
-            self.node = RealNode(self.root / "node", self.node_name)
+            self.node = RealNode(self.root / "node", self.node_name, self.node_images)
             try:
                 self.node.prepare()  # the node IP, before the apiserver binds it
             except BaseException:

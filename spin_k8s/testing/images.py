@@ -192,7 +192,22 @@ def build_all() -> dict[str, Path]:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return {name: ensure(name, images) for name in images}
+        archives = {name: ensure(name, images) for name in images}
+        _drop_superseded({reference(image, images) for image in images.values()})
+        return archives
+
+
+def _drop_superseded(current: set[str]) -> None:
+    """Remove every image of an earlier build from buildah's storage (GiBs each: a day of source edits filled a
+    shared disk), then the intermediate layers only they used. The current images' layers stay, and with
+    them the layer cache the next source edit builds on."""
+    _buildah("rm", "--all", capture=True)  # working containers of builds killed midway; none runs under the lock
+    names = _buildah("images", "--format", "{{.Name}}:{{.Tag}}", capture=True).split()
+    superseded = [n for n in names if n.startswith(f"{REGISTRY}/") and n not in current]
+    if superseded:
+        _buildah("rmi", "--force", *superseded, capture=True)
+    while _buildah("rmi", "--prune", capture=True).strip():  # each pass frees the parents of the last one's
+        pass
 
 
 def import_into(address: Path, archives: dict[str, Path]) -> None:

@@ -133,6 +133,9 @@ def sweep(state: dict[str, Any]) -> None:
     _sweep_iptables()
     if root := state.get("root"):
         _unmount_under(Path(root))
+        # The imported images and container layers (GiBs per node, and a test session starts several): a
+        # later start imports afresh, and the logs stay.
+        shutil.rmtree(Path(root) / "containerd" / "root", ignore_errors=True)
     for netns in Path("/run/netns").glob("cni-*"):
         _run("umount", str(netns), check=False)
         netns.unlink(missing_ok=True)
@@ -157,6 +160,7 @@ class RealNode:
 
     root: Path
     name: str
+    image_names: tuple[str, ...] = images.RUNNABLE  # imported into containerd; pause and coredns always run
     processes: list[Process] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     lock: IO[str] | None = None  # the machine's real-node lock, held from prepare() to stop()
@@ -203,9 +207,10 @@ class RealNode:
         started = time.monotonic()
         archives = images.build_all()
         catalogue = images.catalogue()
-        self.images = {name: images.reference(catalogue[name], catalogue) for name in images.RUNNABLE}
+        self.images = {name: images.reference(catalogue[name], catalogue)
+                       for name in {"pause", "coredns", *self.image_names}}
         self._start_containerd(logs)
-        images.import_into(self.containerd_socket, {n: archives[n] for n in images.RUNNABLE})
+        images.import_into(self.containerd_socket, {n: archives[n] for n in self.images})
         imported = _run("ctr", f"--address={self.containerd_socket}", "-n", "k8s.io", "images", "ls", "-q").stdout
         assert set(self.images.values()) <= set(imported.split()), "an image did not import"
         self._start_kubelet(ca, server, logs)

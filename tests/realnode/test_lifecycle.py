@@ -60,7 +60,7 @@ def run_a_pod(cluster: Cluster) -> None:
 
 def test_a_killed_real_node_is_cleaned_up_by_the_next_start(tmp_path_factory: pytest.TempPathFactory) -> None:
     before = machine()
-    first = Cluster(tmp_path_factory.mktemp("realnode-lifecycle"), real_node=True).start()
+    first = Cluster(tmp_path_factory.mktemp("realnode-lifecycle"), real_node=True, node_images=("pause",)).start()
     try:
         run_a_pod(first)
         assert first.node is not None
@@ -76,9 +76,11 @@ def test_a_killed_real_node_is_cleaned_up_by_the_next_start(tmp_path_factory: py
     killed = machine()
     assert killed["state_file"] and "spin-br0" in killed["links"] and killed["chains"] and killed["cgroups"]
 
-    second = Cluster(tmp_path_factory.mktemp("realnode-lifecycle"), real_node=True).start()
+    second = Cluster(tmp_path_factory.mktemp("realnode-lifecycle"), real_node=True, node_images=("pause",)).start()
     try:
         run_a_pod(second)
     finally:
         second.stop()
     assert machine() == before
+    for started in (first, second):  # the images and container layers, GiBs each, are gone too
+        assert not (started.root / "node" / "containerd" / "root").exists()
