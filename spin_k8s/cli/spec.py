@@ -24,6 +24,11 @@ DRY_RUN_UID = "00000000-0000-0000-0000-000000000000"  # a real uid is given by t
 FLAG_PATHS = {"--model": "model", "--dataset": "dataset", "--iterations": "iterations", "--storage": "storage.uri",
               "--storage-secret": "storage.credentialsSecret", "--storage-endpoint": "storage.endpoint"}
 _URI_FIELDS = ("spec.model", "spec.dataset", "spec.storage.uri")
+# ObjectMeta's fields. The CRD leaves metadata open (the API server types it itself), and strict field validation
+# refuses any other field there, as it does under spec: a misspelt `lables` must not be dropped either.
+METADATA_FIELDS = ("name", "generateName", "namespace", "labels", "annotations", "finalizers", "ownerReferences",
+                   "uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
+                   "deletionGracePeriodSeconds", "selfLink", "managedFields")
 
 
 class SpecError(ValueError):
@@ -60,8 +65,8 @@ def _unknown_in_file(found: api.UnknownField) -> str:
 
 
 def load_file(path: Path) -> dict[str, Any]:
-    """A SpinRun from YAML: a whole object (``kind: SpinRun``) or just its ``spec``; fields the CRD does not
-    declare are refused, named by their path in the file."""
+    """A SpinRun from YAML: a whole object (``kind: SpinRun``) or just its ``spec``; fields the CRD (or, under
+    ``metadata``, ObjectMeta) does not declare are refused, named by their path in the file."""
     try:
         doc = yaml.load(path.read_text(), Loader=SpecLoader)  # a SafeLoader
     except (OSError, yaml.YAMLError) as e:
@@ -73,7 +78,11 @@ def load_file(path: Path) -> dict[str, Any]:
         raise SpecError(f"{path}: kind is {doc['kind']!r}, expected {api.KIND}")
     if whole and doc.get("apiVersion", api.API_VERSION) != api.API_VERSION:
         raise SpecError(f"{path}: apiVersion is {doc['apiVersion']!r}, expected {api.API_VERSION}")
-    unknown = api.unknown_fields(doc, api.schema() if whole else api.schema()["properties"]["spec"])
+    meta = (doc.get("metadata") or {}) if whole else {}
+    if not isinstance(meta, dict):
+        raise SpecError(f"{path}: metadata must be a mapping (name, labels, annotations), not {meta!r}")
+    unknown = [api.UnknownField(("metadata", str(k)), METADATA_FIELDS) for k in meta if k not in METADATA_FIELDS]
+    unknown += api.unknown_fields(doc, api.schema() if whole else api.schema()["properties"]["spec"])
     if unknown:
         raise SpecError(one_line(str(path), [_unknown_in_file(u) for u in unknown]))
     return doc if whole else {"spec": doc}

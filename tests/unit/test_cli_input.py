@@ -136,3 +136,45 @@ def test_a_bad_uri_is_explained_in_words(tmp_path: Path) -> None:
 def test_one_line_lists_exactly_the_problems_it_counts() -> None:
     assert spec.one_line("bad", ["a"]) == "bad: a"
     assert spec.one_line("bad", ["a", "b", "c", "d"]) == "bad: a (and 3 more: b; c; d)"
+
+
+@pytest.mark.parametrize("name", ["Demo", "run.v2", "7run", "run_1", "run-"])
+def test_a_name_the_api_server_refuses_is_refused_offline_in_one_line(tmp_path: Path, name: str) -> None:
+    """Legal object names that no Service or pod hostname can derive from (DNS-1035), named as the server's CEL
+    rule names them, whether they come from the file or from --name."""
+    expected = (f"invalid SpinRun {name}: metadata.name: {name!r} is not a DNS-1035 label (lowercase letters, "
+                "digits and '-', starting with a letter and ending with a letter or digit)")
+    path = write(tmp_path, yaml.safe_dump({"apiVersion": "selfplay.dev/v1alpha1", "kind": "SpinRun",
+                                           "metadata": {"name": name}, "spec": VALID}))
+    assert error_line(spinctl("start", "-f", str(path), "--dry-run")) == expected
+    assert error_line(spinctl("start", "-f", str(path), "--dry-run", "--local", str(tmp_path / "runs"))) == expected
+    spec_only = tmp_path / "spec.yaml"
+    spec_only.write_text(yaml.safe_dump(VALID))
+    assert error_line(spinctl("start", "-f", str(spec_only), "--name", name, "--dry-run")) == expected
+
+
+def test_a_long_name_is_refused_offline() -> None:
+    flags = ["--model", "s3://models/sft", "--dataset", "s3://data/x.jsonl", "--iterations", "1",
+             "--storage", "s3://runs/spin"]
+    name = "r" * 41
+    assert error_line(spinctl("start", "--name", name, "--dry-run", *flags)) == (
+        f"invalid SpinRun {name}: metadata.name: must be at most 40 characters (got 41)")
+    assert dry_run_spec(*flags, "--name", "r" * 40)["metadata"]["name"] == "r" * 40  # the last --name wins
+
+
+def test_unknown_metadata_fields_are_refused_as_strict_validation_does(tmp_path: Path) -> None:
+    """The CRD leaves metadata to the API server, which refuses unknown ObjectMeta fields under strict field
+    validation: offline, a misspelt `lables` is refused too instead of being dropped with its labels."""
+    path = write(tmp_path, yaml.safe_dump({"apiVersion": "selfplay.dev/v1alpha1", "kind": "SpinRun",
+                                           "metadata": {"name": "x", "lables": {"team": "a"}, "uid": "u"},
+                                           "spec": {**VALID, "trainig": {}}}, sort_keys=False))
+    assert error_line(spinctl("start", "-f", str(path), "--dry-run")) == (
+        f'{path}: unknown field "metadata.lables" (did you mean "labels"?) '
+        '(and 1 more: unknown field "spec.trainig" (did you mean "training"?))')
+    path.write_text(yaml.safe_dump({"kind": "SpinRun", "metadata": "x", "spec": VALID}))
+    assert error_line(spinctl("start", "-f", str(path), "--dry-run")) == (
+        f"{path}: metadata must be a mapping (name, labels, annotations), not 'x'")
+    labelled = write(tmp_path, yaml.safe_dump({"kind": "SpinRun", "spec": VALID, "metadata": {
+        "name": "x", "labels": {"team": "a"}, "annotations": {"note": "n"}}}))
+    run = dry_run_spec("-f", str(labelled))
+    assert run["metadata"]["labels"] == {"team": "a"} and run["metadata"]["annotations"] == {"note": "n"}
