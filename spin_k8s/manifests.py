@@ -6,7 +6,11 @@ shard alone and ``maxFailedIndexes: 0`` fails the Job once a shard has used up i
 Training: an Indexed Job, one pod per node, run by torchrun with node rank = completion index and the
 master = pod 0 through the headless Service. ``backoffLimit: 0``: one failed pod fails the gang, and the
 controller recreates the whole gang (a new attempt) from its last DeepSpeed checkpoint.
-Disruptions (preemption, node drain) never count as failures (``podFailurePolicy``).
+Disruptions (preemption, node drain) never count as failures (``podFailurePolicy``). A generation pod that exits
+with the workers' ``INPUT_EXIT`` (a model, dataset or tokenizer no retry can fix) fails its Job at once. Training
+has no such rule: torchrun exits 1 whatever code its ranks exited with, so the code never reaches the pod.
+Containers report why they failed: the worker's termination-log line, else the end of its log
+(``FallbackToLogsOnError``); the controller copies it into the SpinRun's status.
 """
 
 from __future__ import annotations
@@ -14,8 +18,16 @@ from __future__ import annotations
 from typing import Any
 
 from spin_k8s import api, naming
+from spin_k8s.workers import runtime
 
-_DISRUPTION_IGNORED = {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
+
+def _failure_policy(container: str, permanent_exit: bool) -> dict[str, Any]:
+    """Disruptions never count as failures; with ``permanent_exit``, the workers' INPUT_EXIT fails the Job."""
+    rules: list[dict[str, Any]] = [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+    if permanent_exit:
+        rules.append({"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In",
+                                                           "values": [runtime.INPUT_EXIT]}})
+    return {"rules": rules}
 
 
 def _owner(run: api.SpinRun) -> dict[str, Any]:
@@ -48,6 +60,7 @@ def _container(run: api.SpinRun, name: str, image: str, command: list[str], gpus
     container: dict[str, Any] = {
         "name": name, "image": image, "imagePullPolicy": run.spec.pull_policy,
         "command": command[:1], "args": command[1:], "env": _env(run, cpu=gpus == 0), "resources": resources,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if run.spec.storage.credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": run.spec.storage.credentials_secret}}]
@@ -150,7 +163,8 @@ def generate_job(run: api.SpinRun, prefix: str, iteration: int) -> dict[str, Any
         "spec": {
             "completionMode": "Indexed", "completions": shards, "parallelism": shards,
             "backoffLimitPerIndex": run.spec.restart_limit, "maxFailedIndexes": 0,
-            "podFailurePolicy": _DISRUPTION_IGNORED, "suspend": bool(run.spec.queue_name),
+            "podFailurePolicy": _failure_policy(naming.GENERATE, permanent_exit=True),
+            "suspend": bool(run.spec.queue_name),
             "template": {"metadata": _template_metadata(run, meta["labels"]), "spec": _pod_spec(run, container)},
         },
     }
@@ -169,7 +183,8 @@ def train_job(run: api.SpinRun, prefix: str, iteration: int, attempt: int) -> di
         "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
         "spec": {
             "completionMode": "Indexed", "completions": nodes, "parallelism": nodes, "backoffLimit": 0,
-            "podFailurePolicy": _DISRUPTION_IGNORED, "suspend": bool(run.spec.queue_name),
+            "podFailurePolicy": _failure_policy(naming.TRAIN, permanent_exit=False),
+            "suspend": bool(run.spec.queue_name),
             "template": {"metadata": _template_metadata(run, meta["labels"]), "spec": pod_spec},
         },
     }

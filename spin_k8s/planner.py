@@ -15,6 +15,7 @@ from typing import Any, Literal
 from spin_k8s import api, manifests, naming
 
 JobState = Literal["active", "complete", "failed", "suspended"]
+POD_FAILURE_POLICY = "PodFailurePolicy"  # the Job controller's reason for a Job failed by a FailJob rule
 
 # Phases shown by `kubectl get spinruns`.
 PENDING, GENERATING, TRAINING, SUCCEEDED, FAILED, SUSPENDED = (
@@ -37,6 +38,23 @@ class JobView:
     message: str = ""
     started: str | None = None
     finished: str | None = None
+    # Of a failed Job, the pod that failed first: its container's termination message (the worker's one-line
+    # reason, else the end of its log; "" when unknown) and exit code.
+    pod_message: str = ""
+    exit_code: int | None = None
+
+    @property
+    def permanent(self) -> bool:
+        """Failed by a FailJob rule of its podFailurePolicy: an input error that no retry can fix."""
+        return self.state == "failed" and self.reason == POD_FAILURE_POLICY
+
+    def why(self) -> str:
+        """Why it failed, in the worker's words where the pod said them, else the Job controller's."""
+        if self.pod_message:
+            code = f"exit code {self.exit_code}" if self.exit_code is not None else ""
+            note = ", an input error: not retried" if self.permanent else ""
+            return f"{self.pod_message} ({code}{note})" if code or note else self.pod_message
+        return f"{self.reason} {self.message}".strip()
 
 
 @dataclass(frozen=True)
@@ -61,12 +79,14 @@ class Lineage:
     """The run's lineage as read from storage.
 
     ``steps``: the recorded steps. ``outputs``: for each Complete Job whose step is not recorded yet, what its
-    worker left in storage (None when nothing readable is there). ``error``: storage could not be read.
+    worker left in storage (None when nothing readable is there). ``error``: storage could not be read, and
+    ``error_reason`` the condition reason that says so.
     """
 
     steps: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
     outputs: dict[tuple[int, str], dict[str, Any] | None] = field(default_factory=dict)
     error: str | None = None
+    error_reason: str = "StorageUnavailable"
 
 
 # -- actions: small values; apply.py carries them out ---------------------------------------------------
@@ -191,13 +211,13 @@ def _step(run: api.SpinRun, prefix: str, obs: Observed, lineage: Lineage, t: int
             body = manifests.train_job(run, prefix, t, attempt)
         p.actions.append(CreateJob(body))
         if latest is not None:
-            p.events.append(Event("Warning", "Restarted", f"{latest.name} failed ({latest.reason}); "
+            p.events.append(Event("Warning", "Restarted", f"{latest.name} failed ({latest.why()}); "
                                   f"started {body['metadata']['name']}, attempt {attempt + 1} of {allowed}"))
         return False
     if latest.state == "failed":
         p.phase, p.reason = FAILED, ("GenerationFailed" if role == naming.GENERATE else "TrainingRestartsExhausted")
-        p.message = (f"{latest.name} failed after {len(attempts)} attempt(s): {latest.reason} {latest.message}"
-                     .strip() + "; `spinctl resume` grants another round")
+        p.message = (f"{latest.name} failed after {len(attempts)} attempt(s): {latest.why()}"
+                     "; `spinctl resume` grants another round")
         return False
     if latest.state != "complete":
         return False
@@ -230,7 +250,7 @@ def plan(run: api.SpinRun, obs: Observed, lineage: Lineage, now: str, invalid: s
         p.phase, p.reason, p.message = FAILED, "InvalidSpec", invalid
     elif lineage.error:
         storage_ok = False
-        p.reason, p.message = "StorageUnavailable", lineage.error
+        p.reason, p.message = lineage.error_reason, lineage.error
     elif run.spec.suspend:
         p.phase, p.reason, p.message = SUSPENDED, "Suspended", "spec.suspend is true: no Job runs"
         p.actions += [SuspendJob(j.name, True) for j in obs.active()]
@@ -264,7 +284,7 @@ def plan(run: api.SpinRun, obs: Observed, lineage: Lineage, now: str, invalid: s
         _condition(old, "Succeeded", p.phase == SUCCEEDED, p.reason or p.phase, p.message, gen, now),
         _condition(old, "Failed", p.phase == FAILED, p.reason or p.phase, p.message, gen, now),
         _condition(old, "Suspended", p.phase == SUSPENDED, p.reason or p.phase, p.message, gen, now),
-        _condition(old, "StorageAvailable", storage_ok, "StorageUnavailable" if not storage_ok else "Reachable",
+        _condition(old, "StorageAvailable", storage_ok, lineage.error_reason if not storage_ok else "Reachable",
                    lineage.error or "", gen, now),
     ]
     steps = dict(lineage.steps)

@@ -529,3 +529,62 @@ def test_kubectl_shows_iteration_phase_and_age(cluster: Cluster, reference: Fini
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["NAME", "ITERATION", "ITERATIONS", "PHASE", "AGE"]
     assert lines[1].split()[:4] == ["demo", "1", "2", "Succeeded"]
+
+
+@pytest.mark.parametrize("broken", ["model", "dataset"])
+def test_an_input_error_fails_at_once_with_the_workers_own_words(
+        api: client.ApiClient, crd: None, namespace: str, controllers: Controllers, s3_secret: str,
+        assets: tiny.TinyAssets, s3_server: S3Server, bucket: str, tmp_path: Path, broken: str) -> None:
+    """A model URI with nothing under it, or a dataset without a usable row: the worker exits with the reserved
+    code, the Job's podFailurePolicy fails it without a retry (restartLimit would allow two), and the run's
+    Failed condition carries the worker's reason instead of the Job controller's."""
+    bad_rows = tmp_path / "bad.jsonl"
+    bad_rows.write_text("not json\n{}\n[1, 2]\n")
+    spec: dict[str, Any] = ({"model": f"s3://{bucket}/nowhere/model"} if broken == "model"
+                            else {"dataset": f"file://{bad_rows}"})
+    expected = (f"nothing under s3://{bucket}/nowhere/model" if broken == "model"
+                else f"file://{bad_rows}: no usable rows in 3 records")
+    controllers.start()
+    create_run(api, namespace, spin_run("demo", assets, s3_server, bucket, iterations=1, restartLimit=2,
+                                        generation={"shards": 1, "gpusPerShard": 0, "maxTokens": 12,
+                                                    "engine": "transformers"}, **spec))
+
+    def ended() -> dict[str, Any] | None:  # wait_phase would fail at once on the Failed phase this test expects
+        run = get_run(api, namespace, "demo")
+        return run if (run.get("status") or {}).get("phase") == "Failed" else None
+
+    run = controllers.wait("the run to fail", ended, 300)
+    failed = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "GenerationFailed"
+    assert failed["message"].startswith(f"demo-i0-gen failed after 1 attempt(s): {expected}"), failed["message"]
+    assert "(exit code 3, an input error: not retried)" in failed["message"]
+    assert "MaxFailedIndexesExceeded" not in failed["message"]
+    (pod,) = pods(api, namespace, "demo-i0-gen")  # one pod: the Job did not retry it
+    (status,) = pod.status.container_statuses
+    assert (pod.status.phase, status.state.terminated.exit_code) == ("Failed", 3)
+    assert status.state.terminated.message.startswith(expected)  # the worker's termination-log line
+    job = client.BatchV1Api(api).read_namespaced_job("demo-i0-gen", namespace)
+    assert [c.reason for c in job.status.conditions if c.type == "Failed"] == ["PodFailurePolicy"]
+    assert job_names(api, namespace, "demo") == ["demo-i0-gen"]
+
+
+def test_a_missing_credentials_secret_is_named_in_the_status(
+        api: client.ApiClient, crd: None, namespace: str, controllers: Controllers, assets: tiny.TinyAssets,
+        s3_server: S3Server, bucket: str) -> None:
+    controllers.start()
+    create_run(api, namespace, spin_run("demo", assets, s3_server, bucket, iterations=1, storage={
+        "uri": f"s3://{bucket}/spin", "credentialsSecret": "no-such-secret", "endpoint": s3_server.endpoint}))
+    expected = f'Secret "no-such-secret" not found in namespace "{namespace}" (spec.storage.credentialsSecret)'
+
+    def progressing() -> dict[str, Any] | None:
+        status = get_run(api, namespace, "demo").get("status") or {}
+        return next((c for c in status.get("conditions") or [] if c["type"] == "Progressing"
+                     and c["reason"] == "CredentialsUnavailable"), None)
+
+    condition = controllers.wait("the run to say which Secret is missing", progressing, 60)
+    assert condition["message"] == expected
+    run = get_run(api, namespace, "demo")
+    assert run["status"]["phase"] == "Pending"
+    storage = next(c for c in run["status"]["conditions"] if c["type"] == "StorageAvailable")
+    assert (storage["status"], storage["message"]) == ("False", expected)
+    assert job_names(api, namespace, "demo") == []

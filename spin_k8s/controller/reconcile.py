@@ -8,6 +8,7 @@ answers 409 is success when the existing object carries this run's uid label.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import functools
 import logging
@@ -51,6 +52,33 @@ def job_view(job: client.V1Job) -> planner.JobView | None:
         reason=(cond.reason or "") if cond else "", message=(cond.message or "") if cond else "",
         started=status.start_time.strftime("%Y-%m-%dT%H:%M:%SZ") if status.start_time else None,
         finished=status.completion_time.strftime("%Y-%m-%dT%H:%M:%SZ") if status.completion_time else None)
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    return " ".join(text.split())[:limit]
+
+
+def failure_of(pods: list[client.V1Pod], container: str) -> tuple[str, int | None]:
+    """Of a failed Job's pods, the one that failed first: its container's termination message (its last line: a
+    worker's one-line reason, or the last line of the log the kubelet fell back to) and exit code."""
+    failed = []
+    for pod in pods:
+        if pod.status is None or pod.status.phase != "Failed":
+            continue
+        term = next((s.state.terminated for s in pod.status.container_statuses or []
+                     if s.name == container and s.state is not None and s.state.terminated is not None), None)
+        lines = [line for line in ((term.message or "") if term else "").splitlines() if line.strip()]
+        message = lines[-1] if lines else (pod.status.message or "")
+        finished = (term.finished_at if term else None) or pod.metadata.creation_timestamp
+        failed.append((finished is None, finished, one_line(message), term.exit_code if term else None))
+    if not failed:
+        return "", None
+    _, _, message, code = min(failed, key=lambda f: (f[0], f[1] or 0))
+    return message, code
+
+
+class CredentialsError(RuntimeError):
+    """The credentials Secret a run names cannot be read."""
 
 
 class Cache:
@@ -126,6 +154,8 @@ class Reconciler:
         self.cache = cache
         self.component = component
         self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
+        # Why each failed Job failed, by Job uid: a failed Job never changes, so its pods are listed once.
+        self._failures: dict[str, tuple[str, int | None]] = {}
 
     # -- observe --------------------------------------------------------------------------------------------
     def _store(self, run: api.SpinRun) -> lineage.Store:
@@ -135,11 +165,29 @@ class Reconciler:
             key = (run.namespace, run.spec.storage.credentials_secret)
             read_at, creds = self._secrets.get(key, (0.0, {}))
             if time.monotonic() - read_at > self.SECRET_TTL:
-                secret = self.kube.core.read_namespaced_secret(key[1], key[0])
+                try:
+                    secret = self.kube.core.read_namespaced_secret(key[1], key[0])
+                except ApiException as e:
+                    what = "not found" if e.status == 404 else f"not readable by the controller ({e.status} {e.reason})"
+                    raise CredentialsError(f'Secret "{key[1]}" {what} in namespace "{key[0]}" '
+                                           "(spec.storage.credentialsSecret)") from e
                 creds = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
                 self._secrets[key] = (time.monotonic(), creds)
         return lineage.open_store(prefix, endpoint=run.spec.storage.endpoint, region=run.spec.storage.region,
                                   credentials=creds)
+
+    def _with_failure(self, namespace: str, job: planner.JobView) -> planner.JobView:
+        """A failed Job with its failed pod's own words (a worker's reason beats the Job controller's)."""
+        if job.state != "failed":
+            return job
+        if job.uid not in self._failures:
+            pods = self.kube.core.list_namespaced_pod(
+                namespace, label_selector=f"batch.kubernetes.io/controller-uid={job.uid}").items
+            self._failures[job.uid] = failure_of(pods, job.role)
+            if len(self._failures) > 4096:  # bounded: the oldest go first, and would only cost one more list
+                del self._failures[next(iter(self._failures))]
+        message, code = self._failures[job.uid]
+        return dataclasses.replace(job, pod_message=message, exit_code=code)
 
     # -- the loop body -------------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str) -> bool:
@@ -152,16 +200,20 @@ class Reconciler:
         run = api.parse(obj, self.images)
         if run.deleting:
             return False
-        jobs = [v for j in self.cache.owned("jobs", namespace, run.uid) if (v := job_view(j)) is not None]
+        jobs = [self._with_failure(namespace, v) for j in self.cache.owned("jobs", namespace, run.uid)
+                if (v := job_view(j)) is not None]
         services = frozenset(s.metadata.name for s in self.cache.owned("services", namespace, run.uid))
         prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
         try:
             store = self._store(run)
             steps = lineage.load(store)
             found = planner.Lineage(steps, lineage.step_outputs(store, run, prefix, jobs, steps))
+        except CredentialsError as e:
+            store = None
+            found = planner.Lineage(error=str(e), error_reason="CredentialsUnavailable")
         except Exception as e:  # storage down or credentials wrong: say why, retry with backoff
             store = None
-            found = planner.Lineage(error=f"{type(e).__name__}: {str(e)[:300]}")
+            found = planner.Lineage(error=f"{type(e).__name__}: {one_line(str(e), 300)}")
         plan = planner.plan(run, planner.Observed(tuple(jobs), services), found, _now(),
                             invalid="; ".join(errors) or None)
         for action in plan.actions:

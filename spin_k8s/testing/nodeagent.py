@@ -15,6 +15,13 @@ inputs from host paths such as ``file:///tmp/pytest-...``. Whatever honours TMPD
 hence the workers' default cache) starts empty in a new pod and is never shared between pods, so a
 restarted pod finds nothing a killed one left behind, as on a real cluster.
 
+Termination messages, as a kubelet reports them in ``state.terminated.message``: the content of the container's
+termination-message file (at most its last 4096 bytes), else, under ``terminationMessagePolicy:
+FallbackToLogsOnError`` and a non-zero exit code, the last 80 lines (at most 2048 bytes) of the container's log.
+A host process cannot write the container's ``terminationMessagePath`` (/dev/termination-log by default), so
+the file is ``<pod dir>/<container>.termination-log``, created empty before each start as the kubelet does, and
+named in the container's environment as ``$TERMINATION_MESSAGE_PATH``.
+
 Pod networking: pod IPs are handed out from 10.244.0.0/16 as data only; nothing may connect to them. Each
 pod runs in its own mount and UTS namespace (when ``unshare`` works) with the pod's hostname and an
 ``/etc/hosts`` that maps every pod hostname on this node (``{hostname}.{subdomain}[.{ns}.svc.cluster.local]``,
@@ -66,6 +73,9 @@ RENEW_SECONDS = 10
 # The only variables of the agent's own environment a pod sees: enough to find interpreters and keep
 # numerical libraries working on this machine; nothing secret (AWS keys, kubeconfigs) leaks into pods.
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+TERMINATION_MESSAGE_ENV = "TERMINATION_MESSAGE_PATH"
+# The kubelet's limits (pkg/kubelet/container): the file's last 4096 bytes, or the log's last 80 lines / 2048 bytes.
+MESSAGE_FILE_BYTES, MESSAGE_LOG_LINES, MESSAGE_LOG_BYTES = 4096, 80, 2048
 _POD_NETWORK = ipaddress.ip_network("10.244.0.0/16")
 
 
@@ -125,6 +135,7 @@ class PodRunner(threading.Thread):
         self.stopping = threading.Event()
         self.grace = 30.0
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._log_start: dict[str, int] = {}  # where each container's current run begins in its log
         self._lock = threading.Lock()
         self.kubeconfig: Path | None = None
 
@@ -162,6 +173,7 @@ class PodRunner(threading.Thread):
             KUBERNETES_SERVICE_HOST="127.0.0.1",
             KUBERNETES_SERVICE_PORT=str(self.agent.apiserver_port),
         )
+        env[TERMINATION_MESSAGE_ENV] = str(self._message_file(container))
         if self.kubeconfig is not None:
             env["KUBECONFIG"] = str(self.kubeconfig)
         for source in container.env_from or []:
@@ -198,6 +210,7 @@ class PodRunner(threading.Thread):
         if not container.command:
             return None
         env = self._env(container)
+        self._message_file(container).write_bytes(b"")
         argv = [local.expand(a, env) for a in list(container.command) + list(container.args or [])]
         if self.agent.isolate:
             hostname = self.pod.spec.hostname or self.pod.metadata.name
@@ -207,6 +220,7 @@ class PodRunner(threading.Thread):
         # A pod's processes never outlive a killed agent (the parent-death signal survives exec).
         argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
         logfile = (self.dir / f"{container.name}.log").open("ab")
+        self._log_start[container.name] = logfile.tell()
         try:
             return subprocess.Popen(
                 argv, cwd=self.dir, env=env, stdout=logfile, stderr=subprocess.STDOUT,
@@ -250,6 +264,24 @@ class PodRunner(threading.Thread):
                     os.killpg(proc.pid, signal.SIGKILL)
             time.sleep(0.05)
 
+    def _message_file(self, container: client.V1Container) -> Path:
+        return self.dir / f"{container.name}.termination-log"
+
+    def _message(self, container: client.V1Container, code: int) -> str:
+        """The termination message of a container that exited ``code``, read as a kubelet reads it."""
+        with contextlib.suppress(OSError), self._message_file(container).open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - MESSAGE_FILE_BYTES))
+            written = f.read()
+            if written:
+                return written.decode(errors="replace")
+        if code == 0 or container.termination_message_policy != "FallbackToLogsOnError":
+            return ""
+        with contextlib.suppress(OSError), (self.dir / f"{container.name}.log").open("rb") as f:
+            f.seek(self._log_start.get(container.name, 0))
+            tail = b"".join(f.readlines()[-MESSAGE_LOG_LINES:])[-MESSAGE_LOG_BYTES:]
+            return tail.decode(errors="replace")
+        return ""
+
     # -- status ------------------------------------------------------------------------------------
     def _conditions(self, ready: bool, initialized: bool = True) -> list[dict[str, Any]]:
         now = _now().isoformat()
@@ -271,11 +303,14 @@ class PodRunner(threading.Thread):
                 raise
 
     @staticmethod
-    def _state(code: int | None, started: str, finished: str | None = None) -> dict[str, Any]:
+    def _state(code: int | None, started: str, finished: str | None = None, message: str = "") -> dict[str, Any]:
         if code is None:
             return {"running": {"startedAt": started}}
-        return {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                               "startedAt": started, "finishedAt": finished}}
+        terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                      "startedAt": started, "finishedAt": finished}
+        if message:
+            terminated["message"] = message
+        return {"terminated": terminated}
 
     def _container_status(self, c: client.V1Container, state: dict[str, Any], restarts: int = 0,
                           ready: bool = False) -> dict[str, Any]:
@@ -372,9 +407,9 @@ class PodRunner(threading.Thread):
             "phase": "Succeeded" if ok else "Failed",
             "conditions": self._conditions(False),
             "containerStatuses": [
-                self._container_status(c, self._state(codes.get(c.name, 137), start, end),
+                self._container_status(c, self._state(code, start, end, self._message(c, code)),
                                        (restarts or {}).get(c.name, 0))
-                for c in containers
+                for c in containers for code in [codes.get(c.name, 137)]
             ],
         })
 

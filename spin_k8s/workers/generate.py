@@ -275,15 +275,13 @@ def run(settings: GenerateSettings, engine: Engine | None = None) -> int:
     examples = sft.examples[start:stop]
     runtime.log(event="start", shard=i, num_shards=n, rows=len(examples), bad_rows=len(sft.bad))
 
-    from transformers import AutoTokenizer
-
     model_dir = runtime.fetch_model(settings.model, settings.cache_dir)
     # The opponent's digest reads every weight file (tens of seconds for a 7B model): it runs while the engine
     # generates (hashlib releases the GIL), not after.
     pool = ThreadPoolExecutor(max_workers=1)
     digest = pool.submit(runtime.model_digest, model_dir)
     pool.shutdown(wait=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = runtime.load_tokenizer(model_dir, settings.model)
     template = data.Template(settings.prompt_format, settings.system_prompt)
     prompts = [data.encode_prompt(tokenizer, ex.prompt, settings.max_prompt_length, template) for ex in examples]
     sampling = Sampling(settings.temperature, settings.top_p, settings.max_tokens,

@@ -1,8 +1,13 @@
 """Process-level helpers shared by the worker entrypoints: the exit-code convention, JSON-line logs and the
 local model cache.
 
-Exit codes: 0 done (also: nothing left to do), 2 bad usage or unusable data (one line on stderr), anything
-else a crash worth a retry.
+Exit codes: 0 done (also: nothing left to do), 2 bad usage (one line on stderr), ``INPUT_EXIT`` (3) an input
+that no retry can fix: a model URI with nothing under it, a dataset without a usable row, a tokenizer that does not
+load (one line on stderr); anything else a crash worth a retry. The Jobs' ``podFailurePolicy`` fails a Job at
+once on ``INPUT_EXIT`` (spin_k8s.manifests), so it is never retried.
+
+Whatever the reason a worker fails, it writes it as one line to the container's termination log, which the
+kubelet reports as the container's termination message and the controller copies into the SpinRun's status.
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ from spin_k8s import storage
 from spin_k8s.workers import data
 
 USAGE_EXIT = 2
+INPUT_EXIT = 3
+# Where a container's termination message goes: the kubelet creates the file (the container's
+# terminationMessagePath, by default /dev/termination-log) before the container starts. The test cluster's node
+# agent runs pods as host processes and names a per-container file in this variable instead.
+TERMINATION_LOG_ENV = "TERMINATION_MESSAGE_PATH"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 # What the training worker writes next to a model it saved, last: its metrics, the marker that the model is
 # complete. Not part of the model: it holds timings, so it would make two identical models look different.
 METRICS_FILE = "metrics.json"
@@ -36,13 +47,46 @@ def log(**fields: Any) -> None:
     print(json.dumps(fields, separators=(",", ":"), default=str), flush=True)
 
 
+def write_termination_message(message: str) -> None:
+    """``message`` as one line in the container's termination log; nothing where there is none (outside a
+    container, the file does not exist: creating it would be writing into the host's /dev)."""
+    path = Path(os.environ.get(TERMINATION_LOG_ENV) or DEFAULT_TERMINATION_LOG)
+    line = " ".join(message.split())[:2000]
+    try:
+        if path.is_file():
+            path.write_text(line + "\n")
+    except OSError:
+        pass  # the message is a courtesy; the exit code and the log still say it
+
+
 def run_cli(main: Callable[[], int]) -> int:
-    """Runs an entrypoint, turning bad input into ``error: ...`` on stderr and exit code 2."""
+    """Runs an entrypoint: bad usage becomes ``error: ...`` on stderr and exit code 2, an input no retry can fix
+    the same line and ``INPUT_EXIT``; every failure's reason goes to the termination log."""
     try:
         return main()
-    except (UsageError, data.DataError, FileNotFoundError) as exc:
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        write_termination_message(str(exc))
         return USAGE_EXIT
+    except (data.DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        write_termination_message(str(exc))
+        return INPUT_EXIT
+    except BaseException as exc:
+        if not isinstance(exc, SystemExit | KeyboardInterrupt):
+            write_termination_message(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def load_tokenizer(model_dir: Path, uri: str) -> Any:
+    """The model's tokenizer; a DataError (an input error, not retried) when it does not load."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise data.DataError(f"{uri}: the tokenizer does not load ({type(exc).__name__}: {first})") from exc
 
 
 def add_template_flags(parser: argparse.ArgumentParser) -> None:

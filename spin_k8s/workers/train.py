@@ -403,14 +403,14 @@ def train(s: TrainSettings) -> int:
 
     import deepspeed
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     from spin_k8s.workers.loss import spin_loss
 
     s.cache_dir.mkdir(parents=True, exist_ok=True)
     model_dir = runtime.fetch_model(s.model, s.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = runtime.load_tokenizer(model_dir, s.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ref_digest = runtime.model_digest(model_dir)
     sets = data.mix(s.iteration, s.keep_previous, s.synthetic)
@@ -640,8 +640,12 @@ def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
     if args.checkpoint_every and not args.checkpoint_dir:
         raise runtime.UsageError("--checkpoint-every needs --checkpoint-dir")
     template = runtime.template_from_args(args)
+    try:
+        synthetic = data.parse_assignments(args.synthetic)
+    except data.DataError as exc:  # a malformed flag: bad usage, not bad data
+        raise runtime.UsageError(str(exc)) from exc
     return TrainSettings(
-        model=args.model, synthetic=data.parse_assignments(args.synthetic), iteration=args.iteration,
+        model=args.model, synthetic=synthetic, iteration=args.iteration,
         keep_previous=args.keep_previous, output=args.output, eval_data=args.eval_data,
         holdout_fraction=args.holdout_fraction,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, zero_stage=args.zero_stage,

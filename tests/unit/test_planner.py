@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from spin_k8s import api, naming, planner
+from spin_k8s import api, manifests, naming, planner
 from spin_k8s.planner import CreateJob, CreateService, Lineage, Observed, RecordStep, SuspendJob
+from spin_k8s.workers import runtime
 
 NOW = "2026-11-26T00:00:00Z"
 
@@ -177,3 +178,54 @@ def test_early_stop_when_held_out_accuracy_falls_below_the_threshold() -> None:
     p = planner.plan(make_run(iterations=2, earlyStop={"minRewardAccuracy": 0.5}), Observed(),
                      Lineage(steps={(0, GEN): {}, (0, TRAIN): high, (1, GEN): {}, (1, TRAIN): low}), NOW)
     assert p.status["reason"] == "Completed"
+
+
+# -- why a run failed ---------------------------------------------------------------------------------------------
+def test_jobs_report_why_and_generation_input_errors_fail_the_job() -> None:
+    run = make_run()
+    gen, train = manifests.generate_job(run, "s3://b/p", 0), manifests.train_job(run, "s3://b/p", 0, 0)
+    for body in (gen, train):
+        pod = body["spec"]["template"]["spec"]
+        assert pod["restartPolicy"] == "Never"  # a podFailurePolicy requires it
+        assert [c["terminationMessagePolicy"] for c in pod["containers"]] == ["FallbackToLogsOnError"]
+    disruption = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert gen["spec"]["podFailurePolicy"] == {"rules": [disruption, {
+        "action": "FailJob", "onExitCodes": {"containerName": "generate", "operator": "In", "values": [3]}}]}
+    assert runtime.INPUT_EXIT == 3
+    # torchrun exits 1 whatever its ranks exited with: a rule on the reserved code could never match there.
+    assert train["spec"]["podFailurePolicy"] == {"rules": [disruption]}
+
+
+def test_failed_generation_says_the_workers_reason() -> None:
+    failed = planner.JobView("demo-i0-gen", "u", 0, GEN, 0, "failed", failed=1, reason="PodFailurePolicy",
+                             message="Container generate for pod ns/demo-i0-gen-0-x failed with exit code 3 "
+                                     "matching FailJob rule at index 0",
+                             pod_message="nothing under s3://b/base", exit_code=3)
+    p = planner.plan(make_run(), Observed((failed,)), Lineage(), NOW)
+    message = next(c["message"] for c in p.status["conditions"] if c["type"] == "Failed")
+    assert message == ("demo-i0-gen failed after 1 attempt(s): nothing under s3://b/base (exit code 3, an input "
+                       "error: not retried); `spinctl resume` grants another round")
+    # Without the pod's words, the Job controller's.
+    bare = planner.JobView("demo-i0-gen", "u", 0, GEN, 0, "failed", reason="BackoffLimitExceeded", message="m")
+    p = planner.plan(make_run(), Observed((bare,)), Lineage(), NOW)
+    assert next(c["message"] for c in p.status["conditions"] if c["type"] == "Failed").startswith(
+        "demo-i0-gen failed after 1 attempt(s): BackoffLimitExceeded m; ")
+
+
+def test_a_gang_restart_event_says_why_the_last_attempt_failed() -> None:
+    lineage = Lineage(steps={(0, GEN): {"job": "demo-i0-gen"}})
+    failed = planner.JobView("demo-i0-train", "u", 0, TRAIN, 0, "failed", reason="BackoffLimitExceeded",
+                             pod_message="RuntimeError: CUDA out of memory", exit_code=1)
+    p = planner.plan(make_run(), Observed((job(0, GEN, "complete"), failed), SVC0), lineage, NOW)
+    assert p.events[0].message.startswith(
+        "demo-i0-train failed (RuntimeError: CUDA out of memory (exit code 1)); started demo-i0-train-r1")
+
+
+def test_unreadable_credentials_keep_the_run_pending_with_their_own_reason() -> None:
+    message = 'Secret "s3" not found in namespace "ns" (spec.storage.credentialsSecret)'
+    p = planner.plan(make_run(), Observed(), Lineage(error=message, error_reason="CredentialsUnavailable"), NOW)
+    assert (p.status["phase"], p.status["reason"], p.actions) == ("Pending", "CredentialsUnavailable", ())
+    conditions = {c["type"]: c for c in p.status["conditions"]}
+    assert (conditions["StorageAvailable"]["reason"], conditions["StorageAvailable"]["message"]) == (
+        "CredentialsUnavailable", message)
+    assert conditions["Progressing"]["message"] == message

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from spin_k8s.workers import data, generate, tiny, train
+from spin_k8s.workers import data, generate, runtime, tiny, train
 
 GOOD_CHAT = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
 LINES = [
@@ -79,7 +79,8 @@ def test_reads_from_s3(s3_server: Any, bucket: str, monkeypatch: pytest.MonkeyPa
         data.load_sft(f"s3://{bucket}/d/missing.jsonl")
 
 
-def test_no_usable_row_is_one_clear_line_and_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_usable_row_is_one_clear_line_and_the_input_exit_code(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(LINES[3:8]) + "\n")
     with pytest.raises(data.DataError) as info:
@@ -89,7 +90,7 @@ def test_no_usable_row_is_one_clear_line_and_exit_code_2(tmp_path: Path, capsys:
 
     code = generate.main(["--model", str(tmp_path / "unused"), "--data", str(path), "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == runtime.INPUT_EXIT  # not retried: the Job's podFailurePolicy fails the Job on it
     assert err.count("\n") == 1 and err.startswith("error: ") and "no usable rows" in err
     assert not (tmp_path / "o").exists()
 
