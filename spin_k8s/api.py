@@ -136,6 +136,7 @@ class Training:
     gradient_checkpointing: bool
     length_grouping: bool
     checkpoint_every_steps: int
+    checkpoints_to_keep: int  # newest DeepSpeed checkpoints kept, in storage and on each node (default 2)
     port: int
 
 
@@ -172,6 +173,8 @@ class Spec:
     image_train: str
     pull_policy: str
     resources: dict[str, dict[str, Any]]
+    shm_size: dict[str, str]  # role -> quantity, defaults resolved
+    scratch_size: dict[str, str]  # role -> quantity, defaults resolved
     node_selector: dict[str, str]
     pod_labels: dict[str, str]
     pod_annotations: dict[str, str]
@@ -220,12 +223,17 @@ def _spec(raw: dict[str, Any], defaults: Images) -> Spec:
             float(t["beta"]), t["lossType"], t["epochs"], t.get("scheduleEpochs"), t["perDeviceBatchSize"],
             t["gradientAccumulationSteps"], t["maxLength"], t["maxPromptLength"],
             t.get("maxResponseLength", t["maxLength"] - t["maxPromptLength"]), float(t["warmupRatio"]),
-            t["gradientCheckpointing"], t["lengthGrouping"], t["checkpointEverySteps"], t["port"]),
+            t["gradientCheckpointing"], t["lengthGrouping"], t["checkpointEverySteps"], t["checkpointsToKeep"],
+            t["port"]),
         overrides={o["iteration"]: {k: v for k, v in o.items() if k != "iteration"}
                    for o in raw.get("iterationOverrides") or []},
         image_generate=images.get("generate") or defaults.generate,
         image_train=images.get("train") or defaults.train, pull_policy=images["pullPolicy"],
-        resources=dict(raw.get("resources") or {}), node_selector=dict(raw.get("nodeSelector") or {}),
+        resources=dict(raw.get("resources") or {}),
+        shm_size={"generate": "8Gi" if g["gpusPerShard"] else "1Gi", "train": "16Gi" if t["gpusPerNode"] else "1Gi",
+                  **(raw.get("shmSize") or {})},
+        scratch_size={"generate": "100Gi", "train": "500Gi", **(raw.get("scratchSize") or {})},
+        node_selector=dict(raw.get("nodeSelector") or {}),
         pod_labels=dict(raw.get("podLabels") or {}), pod_annotations=dict(raw.get("podAnnotations") or {}),
         tolerations=tuple(raw.get("tolerations") or ()), service_account=raw.get("serviceAccountName"),
         queue_name=raw.get("queueName"), suspend=raw["suspend"], restart_limit=raw["restartLimit"],
@@ -258,6 +266,10 @@ def semantic_errors(obj: dict[str, Any]) -> list[str]:
         if t["scheduleEpochs"] < max(epochs):
             errors.append("spec.training.scheduleEpochs: must be at least spec.training.epochs and every "
                           "iterationOverrides[].epochs")
+    g = spec.get("generation") or {}
+    if g.get("engine") == "transformers" and g.get("gpusPerShard", 1) > 1:
+        errors.append("spec.generation.gpusPerShard: the transformers engine cannot shard a model over GPUs; "
+                      "gpusPerShard above 1 needs engine vllm")
     if (spec.get("generation") or {}).get("promptFormat") == "paperInstruction" and \
             "systemPrompt" in (spec.get("data") or {}):
         errors.append("spec.data.systemPrompt: the paperInstruction prompt has no system turn")

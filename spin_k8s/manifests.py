@@ -11,6 +11,8 @@ with the workers' ``INPUT_EXIT`` (a model, dataset or tokenizer no retry can fix
 has no such rule: torchrun exits 1 whatever code its ranks exited with, so the code never reaches the pod.
 Containers report why they failed: the worker's termination-log line, else the end of its log
 (``FallbackToLogsOnError``); the controller copies it into the SpinRun's status.
+Worker pods meet the restricted Pod Security Standard, get a memory-backed /dev/shm (``spec.shmSize``) and a
+scratch emptyDir at /tmp (``spec.scratchSize``) for everything they stage.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 from spin_k8s import api, naming
 from spin_k8s.workers import runtime
+
+WORKER_UID = 65532  # the numeric USER of images/generate and images/train (tests/unit/test_images.py)
 
 
 def _failure_policy(container: str, permanent_exit: bool) -> dict[str, Any]:
@@ -61,6 +65,8 @@ def _container(run: api.SpinRun, name: str, image: str, command: list[str], gpus
         "name": name, "image": image, "imagePullPolicy": run.spec.pull_policy,
         "command": command[:1], "args": command[1:], "env": _env(run, cpu=gpus == 0), "resources": resources,
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": "/tmp"}],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     if run.spec.storage.credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": run.spec.storage.credentials_secret}}]
@@ -76,7 +82,24 @@ def _template_metadata(run: api.SpinRun, labels: dict[str, str]) -> dict[str, An
 
 
 def _pod_spec(run: api.SpinRun, container: dict[str, Any]) -> dict[str, Any]:
-    spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    role = container["name"]
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never", "containers": [container],
+        # The restricted Pod Security Standard, so namespaces that enforce it admit the pods. The uid is the
+        # one images/{generate,train} create and run as; fsGroup makes the volumes writable for it.
+        "securityContext": {"runAsNonRoot": True, "runAsUser": WORKER_UID, "runAsGroup": WORKER_UID,
+                            "fsGroup": WORKER_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [
+            # A container's /dev/shm is 64 MiB: NCCL and vLLM's tensor-parallel workers die of SIGBUS in it.
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": run.spec.shm_size[role]}},
+            # The workers stage the model, data and checkpoints under /tmp (tempfile): on a volume of its own,
+            # never in the container's layer, bounded so a runaway pod is evicted, not the node's disk filled.
+            {"name": "scratch", "emptyDir": {"sizeLimit": run.spec.scratch_size[role]}},
+        ],
+        # The workers never call the API server: no token unless the user names a ServiceAccount (for its
+        # cloud identity, say), when whatever it grants may be wanted.
+        "automountServiceAccountToken": bool(run.spec.service_account),
+    }
     if run.spec.service_account:
         spec["serviceAccountName"] = run.spec.service_account
     if run.spec.node_selector:
@@ -116,6 +139,8 @@ def generate_command(run: api.SpinRun, prefix: str, iteration: int) -> list[str]
         "--temperature", repr(g.temperature), "--top-p", repr(g.top_p), "--max-tokens", str(g.max_tokens),
         "--max-prompt-length", str(t.max_prompt_length), "--max-length", str(t.max_length),
         *template_flags(run), "--engine", g.engine,
+        # One engine per pod spans the pod's GPUs; on CPU (0 GPUs) one process.
+        "--tensor-parallel-size", str(max(1, g.gpus_per_shard)),
     ]
     if g.score_reference:
         command.append("--score-reference")
@@ -137,7 +162,7 @@ def train_command(run: api.SpinRun, prefix: str, iteration: int, attempt: int) -
         "--iteration", str(iteration), "--keep-previous", str(run.spec.keep_previous),
         "--output", naming.model_uri(prefix, iteration),
         "--checkpoint-dir", naming.checkpoint_uri(prefix, iteration),
-        "--checkpoint-every", str(t.checkpoint_every_steps),
+        "--checkpoint-every", str(t.checkpoint_every_steps), "--checkpoints-to-keep", str(t.checkpoints_to_keep),
         "--zero-stage", str(t.zero_stage), "--precision", t.precision, "--optimizer", t.optimizer,
         "--learning-rate", repr(hyper.learning_rate), "--beta", repr(hyper.beta), "--loss-type", t.loss_type,
         "--epochs", str(hyper.epochs), "--schedule-epochs", str(hyper.schedule_epochs),

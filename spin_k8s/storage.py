@@ -184,6 +184,34 @@ def list_uris(prefix: str) -> list[str]:
     return sorted(join(prefix, str(p.relative_to(root))) for p in root.rglob("*") if p.is_file())
 
 
+def delete_prefix(prefix: str) -> int:
+    """Deletes every object under the directory-like ``prefix`` (recursively; never a sibling such as
+    ``prefix-2``); returns how many there were. Nothing there is not an error. A bucket's or file system's root
+    is refused (ValueError): no caller means to delete everything."""
+    loc = parse(prefix)
+    if loc.key.strip("/") == "":
+        raise ValueError(f"refusing to delete everything under {prefix!r}")
+    if loc.scheme == "s3":
+        client = _s3()
+        key_prefix = f"{loc.key}/"
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=key_prefix)
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = keys[start:start + 1000]
+            response = client.delete_objects(Bucket=loc.bucket,
+                                             Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+            if response.get("Errors"):
+                error = response["Errors"][0]
+                raise OSError(f"could not delete s3://{loc.bucket}/{error.get('Key')}: {error.get('Message')}")
+        return len(keys)
+    root = Path(loc.key)
+    if not root.is_dir():
+        return 0
+    count = sum(1 for p in root.rglob("*") if p.is_file())
+    shutil.rmtree(root)
+    return count
+
+
 def upload_dir(local: str | Path, uri: str) -> list[str]:
     """Copies every file under the local directory to the prefix ``uri``; returns the written URIs."""
     root = Path(local)

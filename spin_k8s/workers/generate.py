@@ -73,6 +73,7 @@ class GenerateSettings:
     dtype: str  # auto | float32 | bfloat16
     batch_size: int  # prompts per forward, transformers engine only
     gpu_memory_utilization: float | None  # vLLM; None: 0.9 with a GPU, 0.1 on CPU (a share of RAM there)
+    tensor_parallel_size: int  # vLLM: GPUs one engine shards the model over (the pod's); transformers: 1
     cache_dir: Path  # where s3:// models are downloaded
 
 
@@ -115,6 +116,18 @@ def checkpoint_dtype(model_dir: Path) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "auto")
 
 
+def vllm_engine_args(model_dir: Path, settings: GenerateSettings, max_model_len: int, on_gpu: bool) -> dict[str, Any]:
+    """The keyword arguments of vLLM's ``LLM`` for this worker's settings."""
+    # vLLM's own "auto" runs a float32 checkpoint in bfloat16 on CPU: its samples and scores would then
+    # come from a coarser model than the one training starts from.
+    dtype: Any = checkpoint_dtype(model_dir) if settings.dtype == "auto" else settings.dtype
+    return {"model": str(model_dir), "tokenizer": str(model_dir), "dtype": dtype,
+            "gpu_memory_utilization": settings.gpu_memory_utilization or (0.9 if on_gpu else 0.1),
+            "enforce_eager": not on_gpu, "max_model_len": max_model_len,
+            # Without it an engine uses one of the pod's GPUs, and a model larger than one GPU does not load.
+            "tensor_parallel_size": settings.tensor_parallel_size}
+
+
 class VllmEngine:
     """vLLM's offline ``LLM``. On CPU: eager mode, a small KV-cache share and both cores (FACTS.md)."""
 
@@ -128,13 +141,7 @@ class VllmEngine:
         self.version = str(vllm.__version__)
         self._vllm = vllm
         self._eos = eos
-        utilization = settings.gpu_memory_utilization or (0.9 if on_gpu else 0.1)
-        # vLLM's own "auto" runs a float32 checkpoint in bfloat16 on CPU: its samples and scores would then
-        # come from a coarser model than the one training starts from.
-        dtype: Any = checkpoint_dtype(model_dir) if settings.dtype == "auto" else settings.dtype
-        self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype,
-                            gpu_memory_utilization=utilization, enforce_eager=not on_gpu,
-                            max_model_len=max_model_len)
+        self.llm = vllm.LLM(**vllm_engine_args(model_dir, settings, max_model_len, on_gpu))
 
     def _prompts(self, ids: list[list[int]]) -> list[Any]:
         return [self._vllm.inputs.TokensPrompt(prompt_token_ids=p) for p in ids]
@@ -386,6 +393,8 @@ def parser() -> argparse.ArgumentParser:
       help="prompts per forward, transformers engine only (default 16; example: 64)")
     a("--gpu-memory-utilization", type=float, default=None, help="vLLM memory share; default 0.9 with a "
       "GPU, 0.1 on CPU where it is a share of RAM (example: 0.85)")
+    a("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs one engine shards the model over, "
+      "the pod's GPU count; the transformers engine cannot shard and refuses more than 1 (default 1; example: 4)")
     a("--cache-dir", type=Path, default=None, help="local cache for s3:// models (default $SPIN_CACHE_DIR "
       "or /tmp/spin-cache; example: /cache)")
     return p
@@ -405,6 +414,11 @@ def settings_from_args(argv: Sequence[str] | None) -> GenerateSettings:
         raise runtime.UsageError("need --max-tokens >= 1 and --max-length > --max-prompt-length >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise runtime.UsageError("need --temperature >= 0 and 0 < --top-p <= 1")
+    if args.tensor_parallel_size < 1:
+        raise runtime.UsageError("need --tensor-parallel-size >= 1")
+    if args.engine == "transformers" and args.tensor_parallel_size > 1:
+        raise runtime.UsageError(f"--engine transformers cannot shard a model over GPUs: --tensor-parallel-size "
+                                 f"{args.tensor_parallel_size} needs --engine vllm (or 1 GPU per shard)")
     template = runtime.template_from_args(args)
     return GenerateSettings(
         model=args.model, data=args.data, output=args.output, shard_index=index, num_shards=args.num_shards,
@@ -413,7 +427,8 @@ def settings_from_args(argv: Sequence[str] | None) -> GenerateSettings:
         max_response_length=runtime.response_cap_from_args(args),
         prompt_format=template.format, system_prompt=template.system_prompt, engine=args.engine,
         score_reference=args.score_reference, dtype=args.dtype, batch_size=args.batch_size,
-        gpu_memory_utilization=args.gpu_memory_utilization, cache_dir=args.cache_dir or runtime.default_cache_dir(),
+        gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
+        cache_dir=args.cache_dir or runtime.default_cache_dir(),
     )
 
 

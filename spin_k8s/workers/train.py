@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,6 +71,7 @@ class TrainSettings:
     holdout_fraction: float  # share of prompts (by id) never trained on, evaluated on the newest set instead
     checkpoint_dir: str | None  # DeepSpeed checkpoints: a shared path or an s3:// prefix
     checkpoint_every: int  # optimizer steps between checkpoints; 0 disables them
+    checkpoints_to_keep: int  # newest checkpoints kept, locally and in storage, once a newer one is complete (>= 1)
     zero_stage: int  # 0..3
     precision: str  # bf16 | fp32
     optimizer: str  # rmsprop (paper) | adamw
@@ -320,9 +321,53 @@ def local_checkpoint_dir(s: TrainSettings) -> Path:
     return s.cache_dir / "checkpoints" / hashlib.sha256(s.checkpoint_dir.encode()).hexdigest()[:24]
 
 
+def checkpoint_tag(step: int) -> str:
+    return f"step-{step:08d}"  # zero-padded: tags sort as their steps do
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint tag; None for any other name (``latest``, a stray file)."""
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+
+
+def stale_tags(tags: Iterable[str], current: str, keep: int) -> list[str]:
+    """The checkpoints to delete once ``current`` and the ``latest`` marker naming it are complete: all but the
+    ``keep`` newest up to ``current`` (which is always kept). A tag after ``current`` can only be an upload a
+    crash cut short, which this run writes again: left alone. Other names (``latest``) are never checkpoints."""
+    last = checkpoint_step(current)
+    assert last is not None
+    steps = {step: tag for tag in tags if (step := checkpoint_step(tag)) is not None and step <= last}
+    return [steps[step] for step in sorted(steps)][:-keep]
+
+
+def prune_checkpoints(s: TrainSettings, dist: Dist, current: str) -> list[str]:
+    """Deletes the stale checkpoints: in storage from rank 0, and from each node's local staging copy (S3 only;
+    a shared path is both) from its local rank 0; returns the tags deleted from storage (rank 0; [] elsewhere).
+    Runs only after ``current`` and its ``latest`` marker are written, so a crash at any point here still
+    leaves that complete checkpoint to resume from. A deletion that fails is logged and tried again at the
+    next checkpoint: it costs disk, never the run."""
+    assert s.checkpoint_dir is not None
+    deleted: list[str] = []
+    try:
+        if dist.rank == 0:
+            base = storage.parse(s.checkpoint_dir).key.rstrip("/")
+            tags = {storage.parse(uri).key[len(base):].strip("/").split("/")[0]
+                    for uri in storage.list_uris(s.checkpoint_dir)}
+            for tag in stale_tags(tags, current, s.checkpoints_to_keep):
+                storage.delete_prefix(storage.join(s.checkpoint_dir, tag))
+                deleted.append(tag)
+        local = local_checkpoint_dir(s)
+        if storage.is_s3(s.checkpoint_dir) and dist.local_rank == 0 and local.is_dir():
+            for tag in stale_tags((p.name for p in local.iterdir() if p.is_dir()), current, s.checkpoints_to_keep):
+                shutil.rmtree(local / tag)
+    except Exception as exc:  # see the docstring: never worth a failed run
+        runtime.log(event="prune_failed", rank=dist.rank, tag=current, error=f"{type(exc).__name__}: {exc}")
+    return deleted
+
+
 def save_checkpoint(engine: Any, s: TrainSettings, dist: Dist, step: int, history: list[dict[str, float]]) -> None:
     assert s.checkpoint_dir is not None
-    tag = f"step-{step:08d}"
+    tag = checkpoint_tag(step)
     local = local_checkpoint_dir(s)
     engine.save_checkpoint(str(local), tag=tag, client_state={"step": step, "history": history})
     if storage.is_s3(s.checkpoint_dir):
@@ -332,9 +377,10 @@ def save_checkpoint(engine: Any, s: TrainSettings, dist: Dist, step: int, histor
         barrier()
         if dist.rank == 0:  # "latest" last: it only ever names a complete upload
             storage.write_bytes(storage.join(s.checkpoint_dir, "latest"), tag.encode())
-    barrier()
+    barrier()  # every rank's part, and "latest", are written: only now may older checkpoints go
+    deleted = prune_checkpoints(s, dist, tag)
     if dist.rank == 0:
-        runtime.log(event="checkpoint", step=step, tag=tag, uri=s.checkpoint_dir)
+        runtime.log(event="checkpoint", step=step, tag=tag, uri=s.checkpoint_dir, deleted=deleted)
 
 
 def restore(engine: Any, s: TrainSettings, dist: Dist) -> tuple[int, list[dict[str, float]]]:
@@ -576,6 +622,8 @@ def parser() -> argparse.ArgumentParser:
       "nodes share or an s3:// prefix (default none; example: s3://spin/demo/iter-0/checkpoints)")
     a("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints, 0 = never "
       "(default 0; example: 200)")
+    a("--checkpoints-to-keep", type=int, default=2, help="newest checkpoints kept, locally and in storage; older "
+      "ones are deleted once a newer one and its 'latest' marker are written (default 2; example: 1)")
     a("--zero-stage", type=int, choices=(0, 1, 2, 3), default=3,
       help="DeepSpeed ZeRO stage (default 3, as in the paper; example: 2)")
     a("--precision", choices=("bf16", "fp32"), default="bf16", help="training precision (default bf16; example: fp32)")
@@ -637,6 +685,8 @@ def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
         raise runtime.UsageError("need 0 <= --holdout-fraction < 1")
     if args.reference_check_pairs < 0 or args.reference_tolerance < 0:
         raise runtime.UsageError("need --reference-check-pairs >= 0 and --reference-tolerance >= 0")
+    if args.checkpoints_to_keep < 1:
+        raise runtime.UsageError("need --checkpoints-to-keep >= 1: a restart resumes from the newest")
     if args.checkpoint_every and not args.checkpoint_dir:
         raise runtime.UsageError("--checkpoint-every needs --checkpoint-dir")
     template = runtime.template_from_args(args)
@@ -648,7 +698,8 @@ def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
         model=args.model, synthetic=synthetic, iteration=args.iteration,
         keep_previous=args.keep_previous, output=args.output, eval_data=args.eval_data,
         holdout_fraction=args.holdout_fraction,
-        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, zero_stage=args.zero_stage,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+        checkpoints_to_keep=args.checkpoints_to_keep, zero_stage=args.zero_stage,
         precision=args.precision, optimizer=args.optimizer, learning_rate=args.learning_rate, beta=args.beta,
         loss_type=args.loss_type, warmup_ratio=args.warmup_ratio, epochs=args.epochs,
         schedule_epochs=args.schedule_epochs, max_steps=args.max_steps, length_grouping=args.length_grouping,

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from support import Controllers, create_run, create_s3_secret, get_run, spin_run
+from support import Controllers, create_s3_secret, get_run, spin_run
 
-from spin_k8s import lineage, naming
+from spin_k8s import api, lineage, manifests, naming
 from spin_k8s.testing import node, tools
 from spin_k8s.testing.cluster import Cluster
 from spin_k8s.testing.processes import wait_until
@@ -30,6 +30,7 @@ from spin_k8s.workers import tiny
 pytestmark = [pytest.mark.kubelet, pytest.mark.cluster, pytest.mark.s3]
 ROOT = Path(__file__).parent.parent.parent
 POD_SUBNET = ipaddress.ip_network(node.POD_SUBNET)
+RESTRICTED = "pod-security.kubernetes.io/enforce"
 
 
 def kubectl(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
@@ -139,11 +140,14 @@ def ready(core: client.CoreV1Api, namespace: str, name: str) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
-def test_chart_controller_in_a_container_runs_two_iterations_with_a_two_node_gang(
+def test_chart_controller_in_a_container_runs_two_iterations_with_a_two_node_gang_in_a_restricted_namespace(
         real_cluster: Cluster, real_api: client.ApiClient, real_namespace: str, node_s3: S3Server,
         image_refs: dict[str, str], tmp_path: Path) -> None:
     core = client.CoreV1Api(real_api)
     ns = real_namespace
+    # The restricted Pod Security Standard, enforced by the API server's admission: every pod of the run (the
+    # controller's and the workers') must meet it, or its Job never gets a pod.
+    core.patch_namespace(ns, {"metadata": {"labels": {RESTRICTED: "restricted"}}})
     repository, tag = image_refs["controller"].rsplit(":", 1)
     installed = subprocess.run([
         str(tools.helm_binary()), "--kubeconfig", str(real_cluster.kubeconfig), "--namespace", ns, "install", "spin",
@@ -209,32 +213,40 @@ def test_chart_controller_in_a_container_runs_two_iterations_with_a_two_node_gan
     assert get_run(real_api, ns, "demo")["status"]["phase"] == "Succeeded"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 12: worker pods carry no securityContext that the restricted Pod Security Standard "
-                          "admits")
-def test_worker_pods_are_admitted_in_a_restricted_namespace(
-        real_cluster: Cluster, real_api: client.ApiClient, real_crd: None, real_namespace: str, node_s3: S3Server,
-        image_refs: dict[str, str], tmp_path: Path) -> None:
-    core = client.CoreV1Api(real_api)
+def test_a_worker_pod_gets_its_shm_size_a_scratch_volume_at_tmp_and_no_token_when_restricted(
+        real_api: client.ApiClient, real_namespace: str, image_refs: dict[str, str]) -> None:
+    """The generation Job's own pod template (spin_k8s/manifests.py), its command replaced by a probe, in a
+    namespace enforcing the restricted standard: what the kubelet made of its volumes and securityContext."""
+    core, batch = client.CoreV1Api(real_api), client.BatchV1Api(real_api)
     ns = real_namespace
-    core.patch_namespace(ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
-    bucket = "restricted"
-    node_s3.client().create_bucket(Bucket=bucket)
-    create_s3_secret(real_api, ns, node_s3)
-    assets = tiny.create(tmp_path / "tiny", rows=16, seed=0)
-    body = spin_run("demo", assets, node_s3, bucket, model=upload(node_s3, bucket, assets.model_dir, "model"),
-                    dataset=upload(node_s3, bucket, assets.data_path, "sft.jsonl"),
-                    images={"generate": image_refs["generate"], "train": image_refs["train"], "pullPolicy": "Never"})
-    create_run(real_api, ns, body)
-    controllers = Controllers(real_cluster, ns, tmp_path, node_s3)
-    controllers.start()
+    core.patch_namespace(ns, {"metadata": {"labels": {RESTRICTED: "restricted"}}})
+    body = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "probe", "namespace": ns},
+            "spec": {"model": "s3://b/m", "dataset": "s3://b/d.jsonl", "iterations": 1, "storage": {"uri": "s3://b/s"},
+                     "generation": {"shards": 1, "gpusPerShard": 0}, "shmSize": {"generate": "96Mi"},
+                     "images": {"generate": image_refs["generate"], "pullPolicy": "Never"}}}
+    job = manifests.generate_job(api.parse(api.load_defaulted(body)), "s3://b/p", 0)
+    job["metadata"].pop("ownerReferences")  # no SpinRun here to own it
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    container["command"], container["args"] = ["python", "-c", PROBE], []
+    batch.create_namespaced_job(ns, job)
+    pod = wait_until("the probe pod", lambda: next(iter(core.list_namespaced_pod(
+        ns, label_selector=f"job-name={job['metadata']['name']}").items), None), 60)
+    pod = finished_pod(core, ns, pod.metadata.name)
+    log = core.read_namespaced_pod_log(pod.metadata.name, ns)
+    assert pod.status.phase == "Succeeded", log
+    assert json.loads(log) == {"uid": 65532, "shm_bytes": 96 << 20, "tmp_on_its_own_volume": True,
+                               "tmp_writable": True, "token": False}
 
-    def refused() -> str | None:
-        events = core.list_namespaced_event(ns, field_selector="reason=FailedCreate").items
-        return next((e.message for e in events if "violates PodSecurity" in e.message), None)
 
-    def admitted() -> bool:
-        return bool(core.list_namespaced_pod(ns, label_selector=f"{naming.LABEL_RUN}=demo").items)
-
-    controllers.wait("the generation pods, or the Job controller's refusal", lambda: admitted() or refused(), 120)
-    assert admitted(), refused()
+# Runs in a worker's container: its uid, /dev/shm's size, whether /tmp is a volume (another device than the
+# container's root filesystem) it can write, and whether a service-account token was mounted.
+PROBE = """
+import json, os
+shm = os.statvfs("/dev/shm")
+with open("/tmp/probe", "w") as f:
+    f.write("written")
+print(json.dumps({"uid": os.getuid(), "shm_bytes": shm.f_blocks * shm.f_frsize,
+                  "tmp_on_its_own_volume": os.stat("/tmp").st_dev != os.stat("/").st_dev,
+                  "tmp_writable": open("/tmp/probe").read() == "written",
+                  "token": os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token")}))
+"""

@@ -81,3 +81,13 @@ def test_unset_worker_images_come_from_the_controller_defaults() -> None:
     obj["spec"]["images"]["train"] = "mine/train:2"
     assert api.parse(obj, ours).spec.image_train == "mine/train:2"
     assert api.parse(obj).spec.image_generate == api.DEFAULT_IMAGES.generate
+
+
+def test_checkpoints_to_keep_defaults_to_two_and_is_at_least_one() -> None:
+    assert api.parse(api.load_defaulted(valid())).spec.training.checkpoints_to_keep == 2
+    obj = valid()
+    obj["spec"]["training"] = {"checkpointsToKeep": 1}
+    assert api.parse(api.load_defaulted(obj)).spec.training.checkpoints_to_keep == 1
+    obj["spec"]["training"] = {"checkpointsToKeep": 0}
+    errors = offline_errors(obj)
+    assert len(errors) == 1 and errors[0].startswith("spec.training.checkpointsToKeep: "), errors

@@ -18,8 +18,8 @@ from spin_k8s import api
 IDENTITY = {"model", "dataset", "iterations", "storage", "data", "generation", "training", "iterationOverrides",
             "earlyStop"}
 # What spinctl (suspend, resume, cancel) and the tests patch during a run, and what only places or paces the pods.
-OPERATIONAL = {"suspend", "restartLimit", "queueName", "images", "resources", "podLabels", "podAnnotations",
-               "nodeSelector", "tolerations", "serviceAccountName"}
+OPERATIONAL = {"suspend", "restartLimit", "queueName", "images", "resources", "shmSize", "scratchSize", "podLabels",
+               "podAnnotations", "nodeSelector", "tolerations", "serviceAccountName"}
 
 
 def properties(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:

@@ -4,6 +4,8 @@ enum is refused offline naming the field."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -11,7 +13,7 @@ from click.testing import CliRunner
 
 from spin_k8s import api, manifests, naming, planner
 from spin_k8s.cli import main, spec
-from spin_k8s.workers import generate
+from spin_k8s.workers import generate, runtime
 
 SPEC = {"model": "s3://models/sft", "dataset": "s3://data/sft.jsonl", "iterations": 2,
         "storage": {"uri": "s3://runs/spin"}}
@@ -66,3 +68,28 @@ def test_an_unknown_engine_is_refused_offline_naming_the_field() -> None:
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: invalid SpinRun demo: spec.generation.engine: "), lines
+
+
+@pytest.mark.parametrize(("gpus", "size"), [(0, 1), (1, 1), (4, 4)])
+def test_a_shard_s_gpus_reach_vllm_as_its_tensor_parallel_size(gpus: int, size: int, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Job's command, parsed by the worker, builds vLLM's engine over all of the pod's GPUs (vLLM itself is
+    replaced by a recorder: constructing a real multi-GPU engine needs the GPUs)."""
+    run = api.parse(api.load_defaulted(spinrun_object(gpusPerShard=gpus)))
+    settings = generate.settings_from_args(worker_args(run))
+    assert settings.tensor_parallel_size == size
+    built: dict[str, Any] = {}
+    monkeypatch.setattr(generate, "import_vllm", lambda: SimpleNamespace(__version__="0.0", LLM=built.update))
+    (tmp_path / "config.json").write_text('{"dtype": "bfloat16"}')
+    generate.VllmEngine(tmp_path, settings, eos=2, max_model_len=1025)
+    assert built["tensor_parallel_size"] == size
+    assert (built["model"], built["dtype"], built["max_model_len"]) == (str(tmp_path), "bfloat16", 1025)
+
+
+def test_the_transformers_engine_refuses_to_shard_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    run = api.parse(api.load_defaulted(spinrun_object(engine="transformers", gpusPerShard=2)))
+    assert generate.main(worker_args(run)) == runtime.USAGE_EXIT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--engine transformers cannot shard" in err[0] and "--tensor-parallel-size 2" in err[0]
+    one_gpu = api.parse(api.load_defaulted(spinrun_object(engine="transformers", gpusPerShard=1)))
+    assert generate.settings_from_args(worker_args(one_gpu)).tensor_parallel_size == 1

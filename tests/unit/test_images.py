@@ -244,3 +244,9 @@ def test_job_commands_start_with_programs_their_image_provides(role: str) -> Non
     assert exec_form(instructions, "ENTRYPOINT")[0] == argv[0]
     entry = exec_form(instructions, "ENTRYPOINT") + exec_form(instructions, "CMD")
     assert after_m(entry) == after_m(argv)
+
+
+@pytest.mark.parametrize("name", ["generate", "train"])
+def test_the_worker_uid_is_the_one_the_jobs_run_as(name: str) -> None:
+    *_, user = only(dockerfile(name), "USER")
+    assert user == f"{manifests.WORKER_UID}:{manifests.WORKER_UID}"

@@ -229,3 +229,48 @@ def test_unreadable_credentials_keep_the_run_pending_with_their_own_reason() -> 
     assert (conditions["StorageAvailable"]["reason"], conditions["StorageAvailable"]["message"]) == (
         "CredentialsUnavailable", message)
     assert conditions["Progressing"]["message"] == message
+
+
+# -- worker pods on a GPU cluster -----------------------------------------------------------------------------
+def test_worker_pods_meet_the_restricted_standard_with_shm_and_scratch_volumes() -> None:
+    cpu = make_run(generation={"gpusPerShard": 0}, training={"gpusPerNode": 0})
+    gpu = make_run(scratchSize={"train": "2Ti"}, shmSize={"generate": "32Gi"})  # one GPU per pod by default
+    for run, sizes in ((cpu, {"generate": ("1Gi", "100Gi"), "train": ("1Gi", "500Gi")}),
+                       (gpu, {"generate": ("32Gi", "100Gi"), "train": ("16Gi", "2Ti")})):
+        for body in (manifests.generate_job(run, "s3://b/p", 0), manifests.train_job(run, "s3://b/p", 0, 0)):
+            pod = body["spec"]["template"]["spec"]
+            (container,) = pod["containers"]
+            shm, scratch = sizes[container["name"]]
+            assert pod["securityContext"] == {
+                "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+            assert container["securityContext"] == {"allowPrivilegeEscalation": False,
+                                                    "capabilities": {"drop": ["ALL"]}}
+            assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
+            volumes = {v["name"]: v["emptyDir"] for v in pod["volumes"]}
+            assert volumes == {"shm": {"medium": "Memory", "sizeLimit": shm}, "scratch": {"sizeLimit": scratch}}
+            assert {m["mountPath"]: m["name"] for m in container["volumeMounts"]} == {
+                "/dev/shm": "shm", "/tmp": "scratch"}
+
+
+def test_a_named_service_account_gets_its_token() -> None:
+    pod = manifests.generate_job(make_run(serviceAccountName="workers"), "s3://b/p", 0)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "workers" and pod["automountServiceAccountToken"] is True
+
+
+def flag(command: list[str], name: str) -> str:
+    assert command.count(name) == 1, command
+    return command[command.index(name) + 1]
+
+
+@pytest.mark.parametrize(("generation", "training", "tensor_parallel", "keep"), [
+    ({}, {}, "1", "2"),  # the defaults: one GPU per shard, two checkpoints kept
+    ({"gpusPerShard": 0}, {"checkpointsToKeep": 1}, "1", "1"),  # on CPU: one engine process
+    ({"gpusPerShard": 4}, {"checkpointsToKeep": 5}, "4", "5"),
+])
+def test_the_workers_get_tensor_parallelism_and_checkpoint_retention_from_the_spec(
+        generation: dict[str, Any], training: dict[str, Any], tensor_parallel: str, keep: str) -> None:
+    run = make_run(generation=generation, training=training)
+    assert flag(manifests.generate_command(run, "s3://b/p", 0), "--tensor-parallel-size") == tensor_parallel
+    assert flag(manifests.train_command(run, "s3://b/p", 0, 0), "--checkpoints-to-keep") == keep
+

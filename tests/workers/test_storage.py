@@ -92,6 +92,16 @@ def test_upload_and_download_dir_round_trip(root: str, tmp_path: Path) -> None:
         storage.download_dir(storage.join(root, "nothing"), tmp_path / "empty")
 
 
+def test_delete_prefix_deletes_the_tree_and_nothing_beside_it(root: str) -> None:
+    names = ["step-1/a.pt", "step-1/deeper/b.pt", "step-10/c.pt", "latest"]
+    for name in names:
+        storage.write_bytes(storage.join(root, name), name.encode())
+    assert storage.delete_prefix(storage.join(root, "step-1")) == 2
+    assert storage.list_uris(root) == sorted(storage.join(root, n) for n in ("step-10/c.pt", "latest"))
+    assert storage.delete_prefix(storage.join(root, "step-1")) == 0  # already gone: not an error
+    with pytest.raises(ValueError, match="refusing"):
+        storage.delete_prefix("s3://bucket" if root.startswith("s3://") else "/")
+
 def test_join_parse_and_digests(tmp_path: Path) -> None:
     assert storage.join("s3://b/run/", "/iter-0/", "x.json") == "s3://b/run/iter-0/x.json"
     assert storage.join("s3://b", "x") == "s3://b/x"

@@ -3,10 +3,11 @@ of the tiny model on one fixed global batch of 4 pairs.
 
 Runs: ZeRO-0 and ZeRO-3 in fp32 (same losses, and a pinned loss curve; the ZeRO-3 run's shard carries reference
 log-probs off by an offset, which its reference check must catch), ZeRO-2 in bf16 with AdamW (learns), ZeRO-3
-killed after its first checkpoint and resumed from S3, and ZeRO-3 resumed from a shared-path checkpoint (both bit
-for bit the uninterrupted ZeRO-3 run's final weights), two single-process runs comparing precomputed
-reference log-probs (which pass the check) with a live reference model, and one with the authors' trainer settings
-(a checkpoint with dropout, a schedule longer than training, random batches).
+killed after its first checkpoint and resumed from S3 keeping one checkpoint, and ZeRO-3 resumed from the two
+checkpoints the ZeRO-3 run kept on a shared path (both bit for bit the uninterrupted ZeRO-3 run's final weights),
+two single-process runs comparing precomputed reference log-probs (which pass the check) with a live reference
+model, and one with the authors' trainer settings (a checkpoint with dropout, a schedule longer than training,
+random batches).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from spin_k8s import storage
-from spin_k8s.workers import tiny, train
+from spin_k8s.workers import runtime, tiny, train
 
 from .helpers import MAX_LENGTH, MAX_PROMPT_LENGTH, events, run_train, subset, train_command, worker_env
 
@@ -57,13 +58,14 @@ def fixed_batch(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def zero3_run(tiny_assets: tiny.TinyAssets, synthetic: Path, fixed_batch: Path,
               tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
-    """ZeRO-3, fp32, checkpointing every 2 steps to a shared path, held-out evaluation on the same pairs. It
-    trains on the fixed batch's pairs as a shard that carries reference log-probs, the real answers' off by
-    OFFSET: once its check has caught that, the run is the fixed batch's run, scored by the trainer alone."""
+    """ZeRO-3, fp32, checkpointing every step to a shared path (the default two kept), held-out evaluation on
+    the same pairs. It trains on the fixed batch's pairs as a shard that carries reference log-probs, the real
+    answers' off by OFFSET: once its check has caught that, the run is the fixed batch's run, scored by the
+    trainer alone."""
     tmp = tmp_path_factory.mktemp("zero3")
     offset = subset(synthetic, 4, tmp / "offset", scored=True, real_offset=OFFSET)
     evs, _ = run_train(2, base_args(tiny_assets, offset, str(tmp / "out"), "--zero-stage", "3",
-                                    "--checkpoint-dir", str(tmp / "ckpt"), "--checkpoint-every", "2",
+                                    "--checkpoint-dir", str(tmp / "ckpt"), "--checkpoint-every", "1",
                                     "--eval-data", str(fixed_batch)), tmp / "cache")
     return evs, tmp / "out"
 
@@ -83,7 +85,13 @@ def test_zero3_learns_the_fixed_batch_and_writes_a_checkpoint(zero3_run: tuple[l
     start = next(e for e in evs if e["event"] == "start")
     assert start["world_size"] == 2 and start["zero_stage"] == 3 and start["global_batch"] == 4
     assert start["parameters_on_rank"] < 0.7 * start["parameters"]  # the weights really are partitioned
-    assert [e["step"] for e in evs if e["event"] == "checkpoint"] == [2, 4]
+    saved = [e for e in evs if e["event"] == "checkpoint"]
+    assert [e["step"] for e in saved] == [1, 2, 3, 4, 5]  # none after the last step: the model is the output
+    # Two kept (the default): each save, once complete, deletes the one three back; "latest" names the newest.
+    assert [e["deleted"] for e in saved] == [[], [], ["step-00000001"], ["step-00000002"], ["step-00000003"]]
+    ckpt = out.parent / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step-00000004", "step-00000005"]
+    assert (ckpt / "latest").read_text() == "step-00000005"
     assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "metrics.json"} <= {
         p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
@@ -140,12 +148,12 @@ def test_zero0_and_zero3_give_the_same_losses(tiny_assets: tiny.TinyAssets, fixe
 def test_a_new_run_resumes_from_a_shared_path_checkpoint_and_a_finished_one_is_skipped(
         tiny_assets: tiny.TinyAssets, fixed_batch: Path, tmp_path: Path,
         zero3_run: tuple[list[dict[str, Any]], Path]) -> None:
-    shutil.copytree(zero3_run[1].parent / "ckpt", tmp_path / "ckpt")  # its latest: step 4 of 6
+    shutil.copytree(zero3_run[1].parent / "ckpt", tmp_path / "ckpt")  # what it kept: steps 4 and 5 of 6
     args = base_args(tiny_assets, fixed_batch, str(tmp_path / "out"), "--zero-stage", "3", "--checkpoint-dir",
                      str(tmp_path / "ckpt"), "--checkpoint-every", "2")
     evs, _ = run_train(2, args, tmp_path / "cache")
-    assert [e["step"] for e in evs if e["event"] == "resume"] == [4]
-    assert [s["step"] for s in steps_of(evs)] == [5, 6]
+    assert [e["step"] for e in evs if e["event"] == "resume"] == [5]
+    assert [s["step"] for s in steps_of(evs)] == [6]
     resumed, reference = (load_file(d / "model.safetensors") for d in (tmp_path / "out", zero3_run[1]))
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
@@ -158,12 +166,14 @@ def test_killed_after_a_checkpoint_resumes_to_the_same_weights(
         tiny_assets: tiny.TinyAssets, fixed_batch: Path, tmp_path: Path, s3_server: Any, bucket: str,
         zero3_run: tuple[list[dict[str, Any]], Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Like a pod killed mid-run: every process dies at once after checkpoint 2 reached S3; a new pod with
-    an empty disk resumes from S3 and must end where the uninterrupted run ended."""
+    an empty disk resumes from S3 and must end where the uninterrupted run ended. One checkpoint kept: once
+    step 4's is complete, the killed pod's step 2 goes, from S3 and from the new pod's disk."""
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     out = f"s3://{bucket}/iter-1/model"
     args = base_args(tiny_assets, fixed_batch, out, "--zero-stage", "3", "--checkpoint-dir",
-                     f"s3://{bucket}/iter-0/ckpt", "--checkpoint-every", "2", "--eval-data", str(fixed_batch))
+                     f"s3://{bucket}/iter-0/ckpt", "--checkpoint-every", "2", "--checkpoints-to-keep", "1",
+                     "--eval-data", str(fixed_batch))
     first = subprocess.Popen(train_command(2, args), env=worker_env(tmp_path / "cache-1"), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     seen = []
@@ -185,6 +195,13 @@ def test_killed_after_a_checkpoint_resumes_to_the_same_weights(
     evs, _ = run_train(2, args, tmp_path / "cache-2")
     assert [e["step"] for e in evs if e["event"] == "resume"] == [2]
     assert [s["step"] for s in steps_of(evs)] == [3, 4, 5, 6]
+    assert [(e["step"], e["deleted"]) for e in evs if e["event"] == "checkpoint"] == [(4, ["step-00000002"])]
+    ckpt = f"s3://{bucket}/iter-0/ckpt"
+    kept = {storage.parse(u).key.split("/")[2] for u in storage.list_uris(ckpt)}
+    assert kept == {"latest", "step-00000004"}
+    assert storage.read_bytes(storage.join(ckpt, "latest")) == b"step-00000004"
+    [staging] = (tmp_path / "cache-2" / "checkpoints").iterdir()
+    assert sorted(p.name for p in staging.iterdir() if p.is_dir()) == ["step-00000004"]
 
     local = storage.download_dir(out, tmp_path / "resumed")
     metrics = json.loads((local / "metrics.json").read_text())
@@ -275,3 +292,20 @@ def test_disable_dropout_zeroes_every_dropout_probability_of_a_config() -> None:
     assert train.disable_dropout(gpt2) == {"resid_pdrop": 0.1, "embd_pdrop": 0.2, "summary_first_dropout": 0.4}
     assert (gpt2.resid_pdrop, gpt2.embd_pdrop, gpt2.attn_pdrop, gpt2.summary_first_dropout) == (0.0, 0.0, 0.0, 0.0)
     assert train.disable_dropout(gpt2) == {}
+
+
+def test_stale_tags_keep_the_newest_up_to_the_one_just_saved() -> None:
+    tags = ["latest", "step-00000300", "step-00000100", "step-00000200", "step-00000400", "stray"]
+    assert train.stale_tags(tags, "step-00000300", 2) == ["step-00000100"]
+    assert train.stale_tags(tags, "step-00000300", 1) == ["step-00000100", "step-00000200"]
+    # step 400 is after the one just saved: an upload cut short by a crash, which the run writes again
+    assert train.stale_tags(tags, "step-00000300", 5) == []
+    assert train.stale_tags(["step-100000000", "step-99999999"], "step-100000000", 1) == ["step-99999999"]
+
+
+def test_checkpoints_to_keep_defaults_to_two_and_must_keep_one() -> None:
+    args = ["--model", "m", "--synthetic", "0=s", "--output", "o", "--checkpoint-dir", "c", "--checkpoint-every", "1"]
+    assert train.settings_from_args(args).checkpoints_to_keep == 2
+    assert train.settings_from_args([*args, "--checkpoints-to-keep", "1"]).checkpoints_to_keep == 1
+    with pytest.raises(runtime.UsageError, match="--checkpoints-to-keep"):
+        train.settings_from_args([*args, "--checkpoints-to-keep", "0"])
