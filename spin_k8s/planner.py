@@ -38,10 +38,14 @@ class JobView:
     message: str = ""
     started: str | None = None
     finished: str | None = None
+    image: str = ""  # the worker image the Job's pods run (images may change mid-run: lineage records this one)
     # Of a failed Job, the pod that failed first: its container's termination message (the worker's one-line
     # reason, else the end of its log; "" when unknown) and exit code.
     pod_message: str = ""
     exit_code: int | None = None
+    # Of an active Job with no pod: why the Job controller could not create one (admission, quota: the API
+    # server's words from its FailedCreate event; "" when it could or nobody said).
+    create_error: str = ""
 
     @property
     def permanent(self) -> bool:
@@ -152,11 +156,14 @@ class _Progress:
     message: str = ""
     actions: list[Action] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    made: dict[tuple[int, str], int] = field(default_factory=dict)  # attempts made, counting this plan's creates
+    stalled: bool = False  # waiting on something only a person can fix (pods refused): not Progressing
 
 
 def generate_record(run: api.SpinRun, prefix: str, job: JobView, output: dict[str, Any]) -> dict[str, Any]:
     t = job.iteration
     return {"iteration": t, "role": naming.GENERATE, "job": job.name, "jobUid": job.uid, "attempt": job.attempt,
+            "image": job.image,
             "model": manifests.model_for(run, prefix, t), "dataset": run.spec.dataset,
             "output": naming.synthetic_uri(prefix, t), "started": job.started, "finished": job.finished,
             "config": {"shards": run.spec.generation.shards, "temperature": run.spec.generation.temperature,
@@ -173,6 +180,7 @@ def train_record(run: api.SpinRun, prefix: str, job: JobView, output: dict[str, 
     hyper = run.spec.hyper(t)
     first = max(0, t - run.spec.keep_previous)
     return {"iteration": t, "role": naming.TRAIN, "job": job.name, "jobUid": job.uid, "restarts": job.attempt,
+            "image": job.image,
             "model": manifests.model_for(run, prefix, t), "checkpoint": naming.model_uri(prefix, t),
             "dataMix": [naming.synthetic_uri(prefix, i) for i in range(first, t + 1)],
             "started": job.started, "finished": job.finished,
@@ -185,6 +193,14 @@ def train_record(run: api.SpinRun, prefix: str, job: JobView, output: dict[str, 
             **output}
 
 
+def attempts_made(run: api.SpinRun, obs: Observed, t: int, role: str) -> int:
+    """How many attempts of a step were ever created: the most of what the status counted and what exists, so a
+    deleted attempt (TTL, a user) neither resets the restart budget nor makes its name reusable."""
+    counted = next((int(it.get(f"{role}Attempts") or 0) for it in run.status.get("iterations") or []
+                    if isinstance(it, dict) and it.get("iteration") == t), 0)
+    return max([counted] + [j.attempt + 1 for j in obs.attempts(t, role)])
+
+
 def _step(run: api.SpinRun, prefix: str, obs: Observed, lineage: Lineage, t: int, role: str,
           p: _Progress) -> bool:
     """Plan one step; True when it is done (recorded now or before) and the next step may be planned."""
@@ -193,33 +209,47 @@ def _step(run: api.SpinRun, prefix: str, obs: Observed, lineage: Lineage, t: int
     p.phase = GENERATING if role == naming.GENERATE else TRAINING
     p.iteration = t
     attempts = obs.attempts(t, role)
+    made = attempts_made(run, obs, t, role)
     # Generation retries failed shards inside its Job; training restarts the whole gang. Each `spinctl resume`
     # grants the same budget again.
     per_grant = 1 if role == naming.GENERATE else run.spec.restart_limit + 1
     allowed = per_grant * (run.resumes + 1)
     latest = attempts[-1] if attempts else None
+    # The newest attempt ever made is gone before its step was recorded: it counts as a failed one.
+    deleted = made > 0 and (latest is None or latest.attempt < made - 1)
+    if deleted:
+        why = f"{naming.job_name(run.name, t, role, made - 1)} was deleted before it finished"
+        final = f"{why}, attempt {made}"
+    elif latest is not None and latest.state == "failed":
+        why = f"{latest.name} failed ({latest.why()})"
+        final = f"{latest.name} failed after {made} attempt(s): {latest.why()}"
+    else:
+        why = final = ""
     if role == naming.TRAIN and naming.service_name(run.name) not in obs.services:
         p.actions.append(CreateService(manifests.train_service(run)))
-    if latest is None or (latest.state == "failed" and len(attempts) < allowed):
-        attempt = len(attempts)
+    if made == 0 or (why and made < allowed):
         if role == naming.GENERATE:
             body = manifests.generate_job(run, prefix, t)
-            if attempt:
-                body["metadata"]["name"] = naming.job_name(run.name, t, role, attempt)
-                body["metadata"]["labels"][naming.LABEL_ATTEMPT] = str(attempt)
+            if made:
+                body["metadata"]["name"] = naming.job_name(run.name, t, role, made)
+                body["metadata"]["labels"][naming.LABEL_ATTEMPT] = str(made)
         else:
-            body = manifests.train_job(run, prefix, t, attempt)
+            body = manifests.train_job(run, prefix, t, made)
         p.actions.append(CreateJob(body))
-        if latest is not None:
-            p.events.append(Event("Warning", "Restarted", f"{latest.name} failed ({latest.why()}); "
-                                  f"started {body['metadata']['name']}, attempt {attempt + 1} of {allowed}"))
+        p.made[(t, role)] = made + 1
+        if made:
+            p.events.append(Event("Warning", "Restarted", f"{why}; started {body['metadata']['name']}, "
+                                  f"attempt {made + 1} of {allowed}"))
         return False
-    if latest.state == "failed":
+    if why:
         p.phase, p.reason = FAILED, ("GenerationFailed" if role == naming.GENERATE else "TrainingRestartsExhausted")
-        p.message = (f"{latest.name} failed after {len(attempts)} attempt(s): {latest.why()}"
-                     "; `spinctl resume` grants another round")
+        p.message = f"{final}; `spinctl resume` grants another round"
         return False
+    assert latest is not None  # made > 0 and not deleted
     if latest.state != "complete":
+        if latest.create_error:
+            p.reason, p.message = "PodCreationFailed", f"Job {latest.name}: {latest.create_error}"
+            p.stalled = True
         return False
     output = lineage.outputs.get((t, role))
     if output is None:
@@ -279,7 +309,8 @@ def plan(run: api.SpinRun, obs: Observed, lineage: Lineage, now: str, invalid: s
     gen = run.generation
     terminal = p.phase in (SUCCEEDED, FAILED)
     conditions = [
-        _condition(old, "Progressing", not terminal and p.phase != SUSPENDED and storage_ok, p.reason or p.phase,
+        _condition(old, "Progressing", not terminal and p.phase != SUSPENDED and storage_ok and not p.stalled,
+                   p.reason or p.phase,
                    p.message or f"iteration {p.iteration}: {p.phase}", gen, now),
         _condition(old, "Succeeded", p.phase == SUCCEEDED, p.reason or p.phase, p.message, gen, now),
         _condition(old, "Failed", p.phase == FAILED, p.reason or p.phase, p.message, gen, now),
@@ -289,11 +320,14 @@ def plan(run: api.SpinRun, obs: Observed, lineage: Lineage, now: str, invalid: s
     ]
     steps = dict(lineage.steps)
     steps.update({(a.iteration, a.role): a.record for a in p.actions if isinstance(a, RecordStep)})
+    iterations = _iterations(run, obs, steps, p.iteration, p.made)
     status = {
         "observedGeneration": gen, "phase": p.phase, "iteration": p.iteration, "reason": p.reason,
         "manifest": naming.manifest_uri(prefix), "conditions": conditions,
-        "iterations": _iterations(run, obs, steps, p.iteration),
+        "iterations": iterations,
     }
+    status["restarts"] = sum(max(0, it.get(f"{role}Attempts", 1) - 1) for it in iterations
+                             for role in (naming.GENERATE, naming.TRAIN))
     events = list(p.events)
     if p.phase != run.status.get("phase"):
         kind: Literal["Normal", "Warning"] = "Warning" if p.phase == FAILED else "Normal"
@@ -301,20 +335,49 @@ def plan(run: api.SpinRun, obs: Observed, lineage: Lineage, now: str, invalid: s
     return Plan(tuple(p.actions), status, tuple(events))
 
 
+def action_failed(run: api.SpinRun, action: Action, error: str, now: str) -> Plan:
+    """The status after carrying out ``action`` failed: the run's status as it was, with Progressing False naming
+    the action and the API server's (or the store's) words, and one Warning event. The actions before it stand
+    (each is safe to repeat); the caller retries the reconcile after a backoff."""
+    if isinstance(action, CreateJob | CreateService):
+        kind = action.body["kind"]
+        reason, what = f"{kind}CreationFailed", f"creating {kind} {action.body['metadata']['name']}"
+    elif isinstance(action, SuspendJob):
+        reason, what = "JobUpdateFailed", f"{'suspending' if action.suspend else 'resuming'} Job {action.name}"
+    else:
+        reason, what = "LineageWriteFailed", f"recording iteration {action.iteration} {action.role} in lineage"
+    message = f"{what}: {error}"
+    old = list(run.status.get("conditions") or [])
+    progressing = _condition(old, "Progressing", False, reason, message, run.generation, now)
+    conditions = [progressing if c.get("type") == "Progressing" else c for c in old]
+    if progressing not in conditions:
+        conditions.insert(0, progressing)
+    status = {"phase": PENDING, "iteration": 0, **run.status, "observedGeneration": run.generation,
+              "reason": reason, "conditions": conditions}
+    return Plan((), status, (Event("Warning", reason, message),))
+
+
 def _iterations(run: api.SpinRun, obs: Observed, steps: dict[tuple[int, str], dict[str, Any]],
-                current: int) -> list[dict[str, Any]]:
-    """The per-iteration summary in status: Jobs, times, restarts, key metrics, checkpoint."""
+                current: int, made: dict[tuple[int, str], int]) -> list[dict[str, Any]]:
+    """The per-iteration summary in status: Jobs, attempts made (kept here so that deleting an attempt loses no
+    count), times, restarts, key metrics, checkpoint."""
     summary = []
     for t in range(min(current, run.spec.iterations - 1) + 1):
         gen, train = obs.attempts(t, naming.GENERATE), obs.attempts(t, naming.TRAIN)
         rec_gen, rec_train = steps.get((t, naming.GENERATE)), steps.get((t, naming.TRAIN))
         item: dict[str, Any] = {"iteration": t}
+        for role, record in ((naming.GENERATE, rec_gen), (naming.TRAIN, rec_train)):
+            recorded = (record or {}).get("attempt" if role == naming.GENERATE else "restarts")
+            count = max(made.get((t, role), 0), attempts_made(run, obs, t, role),
+                        recorded + 1 if isinstance(recorded, int) else 0)
+            if count:
+                item[f"{role}Attempts"] = count
         if gen or rec_gen:
             item["generateJob"] = gen[-1].name if gen else (rec_gen or {}).get("job")
             item["startTime"] = (rec_gen or {}).get("started")  # from lineage: status changes only per step
         if train or rec_train:
             item["trainJob"] = train[-1].name if train else (rec_train or {}).get("job")
-            item["restarts"] = max(0, len(train) - 1) if train else (rec_train or {}).get("restarts", 0)
+            item["restarts"] = max(0, item.get(f"{naming.TRAIN}Attempts", 1) - 1)
         if rec_train:
             item["completionTime"] = rec_train.get("finished")
             item["checkpoint"] = rec_train.get("checkpoint")

@@ -158,7 +158,9 @@ def test_defaults_render_a_hardened_cluster_wide_controller() -> None:
 
 def test_custom_values_watch_one_namespace_with_a_role_and_force_leader_election() -> None:
     objects = render("-f", str(CUSTOM_VALUES), "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
-    assert by_kind(objects, "ClusterRole") == [] and by_kind(objects, "ClusterRoleBinding") == []
+    # Cluster-wide, only what a namespaced Role cannot hold: reading the SpinRun CRD (checked at start).
+    assert [r["metadata"]["name"] for r in by_kind(objects, "ClusterRole") + by_kind(objects, "ClusterRoleBinding")] \
+        == ["spin-controller-crd"] * 2
     role = one(objects, "Role", "spin-controller")
     assert role["metadata"]["namespace"] == "team-a"
     binding = one(objects, "RoleBinding", "spin-controller")
@@ -241,7 +243,7 @@ def test_a_wrongly_typed_value_fails() -> None:
 # Each Kubernetes client method the controller calls, by the resource it touches: (apiGroup, resource).
 _RESOURCES = {
     "job": ("batch", "jobs"), "service": ("", "services"), "secret": ("", "secrets"), "event": ("", "events"),
-    "pod": ("", "pods"),
+    "pod": ("", "pods"), "custom_resource_definition": ("apiextensions.k8s.io", "customresourcedefinitions"),
     "lease": ("coordination.k8s.io", "leases"), "custom_object": (spin_api.GROUP, spin_api.PLURAL),
     "custom_object_status": (spin_api.GROUP, f"{spin_api.PLURAL}/status"),
 }
@@ -250,8 +252,9 @@ _VERBS = {"read": ("get",), "list": ("list", "watch"), "create": ("create",), "p
           "replace": ("update",), "delete": ("delete",)}
 _CALL = re.compile(r"\.(read|list|create|patch|replace|delete)_(?:namespaced_|cluster_)?(\w+?)"
                    r"(?:_for_all_namespaces)?\b")
-# Listed without a watch: a failed Job's pods, once, for their termination messages.
-_UNWATCHED = {("", "pods", "watch")}
+# Listed without a watch: a failed Job's pods, once, for their termination messages; the events of a Job that
+# lacks pods, for why they were refused.
+_UNWATCHED = {("", "pods", "watch"), ("", "events", "watch")}
 # Granted without a call of their own, each for a reason the chart's templates/rbac.yaml states.
 _EXTRA = {(spin_api.GROUP, spin_api.PLURAL, "get"), (spin_api.GROUP, f"{spin_api.PLURAL}/finalizers", "update")}
 
@@ -272,7 +275,11 @@ def test_rbac_grants_exactly_what_the_controller_calls() -> None:
     granted = rule_set(one(objects, "ClusterRole")["rules"]) | rule_set(one(objects, "Role")["rules"])
     assert granted == (needed - _UNWATCHED) | _EXTRA
     namespaced = render("--set", "watchNamespace=team-a")
-    assert rule_set(one(namespaced, "Role", "spin-controller")["rules"]) == \
+    crd = one(namespaced, "ClusterRole", "spin-controller-crd")["rules"]  # cluster-scoped: never in a Role
+    assert crd == [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+                    "verbs": ["get"], "resourceNames": ["spinruns.selfplay.dev"]}]
+    assert one(namespaced, "ClusterRoleBinding", "spin-controller-crd")["roleRef"]["name"] == "spin-controller-crd"
+    assert rule_set(one(namespaced, "Role", "spin-controller")["rules"]) | rule_set(crd) == \
         rule_set(one(objects, "ClusterRole")["rules"])
 
 

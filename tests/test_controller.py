@@ -76,7 +76,9 @@ def test_reference_run_succeeds_with_its_lineage(api: client.ApiClient, referenc
     assert (succeeded["status"], succeeded["observedGeneration"]) == ("True", run["metadata"]["generation"])
 
     assert sorted(reference.jobs) == JOBS
+    images = {}
     for j in client.BatchV1Api(api).list_namespaced_job(ns).items:
+        images[j.metadata.name] = j.spec.template.spec.containers[0].image
         assert j.metadata.owner_references[0].uid == run["metadata"]["uid"]
         assert j.metadata.labels[naming.LABEL_RUN_UID] == run["metadata"]["uid"]
         assert j.spec.template.metadata.labels[naming.LABEL_ROLE] in naming.ROLES
@@ -87,6 +89,7 @@ def test_reference_run_succeeds_with_its_lineage(api: client.ApiClient, referenc
     prefix, steps = reference.prefix, reference.steps
     assert sorted(steps) == STEPS
     assert_job_uids_are_the_jobs(steps, reference.jobs)
+    assert all(step["image"] == images[step["job"]] for step in steps.values())  # what each Job ran
     for t in (0, 1):
         assert [s["engine"] for s in steps[(t, "generate")]["shards"]] == ["transformers"] * 2  # as the spec says
         assert all(len(s["sha256"]) == 64 for s in steps[(t, "generate")]["shards"])

@@ -76,13 +76,15 @@ def test_two_iterations_run_locally_with_lineage(two_iterations: LocalRun, asset
     # The status the controller writes, from the same planner: phase, conditions, per-iteration summary.
     status = result.status
     assert set(status) == {"observedGeneration", "phase", "iteration", "reason", "manifest", "conditions",
-                           "iterations"}
+                           "iterations", "restarts"}
     assert (status["iteration"], status["manifest"]) == (1, result.manifest)
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "Progressing": "False", "Succeeded": "True", "Failed": "False", "Suspended": "False",
         "StorageAvailable": "True"}
-    assert [(i["generateJob"], i["trainJob"], i["restarts"]) for i in status["iterations"]] == [
-        ("demo-i0-gen", "demo-i0-train", 0), ("demo-i1-gen", "demo-i1-train", 0)]
+    assert [(i["generateJob"], i["trainJob"], i["restarts"], i["generateAttempts"], i["trainAttempts"])
+            for i in status["iterations"]] == [("demo-i0-gen", "demo-i0-train", 0, 1, 1),
+                                               ("demo-i1-gen", "demo-i1-train", 0, 1, 1)]
+    assert status["restarts"] == 0
     assert all("loss" in i["metrics"] and i["checkpoint"].endswith("/model") for i in status["iterations"])
     assert local.status(workdir, "demo") == result and local.status(workdir, "other") is None
 

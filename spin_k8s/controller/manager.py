@@ -22,7 +22,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
 from spin_k8s import api, naming
-from spin_k8s.controller import metrics
+from spin_k8s.controller import crdcheck, metrics
 from spin_k8s.controller.reconcile import Cache, Kube, Reconciler
 
 log = logging.getLogger("spin_k8s.controller")
@@ -283,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
     api_client = (config.new_client_from_config(config_file=kubeconfig) if kubeconfig
                   else _incluster())
+    refused = crdcheck.problem(api_client)
+    if refused:
+        log.error("refusing to start: %s", refused)
+        return 1
     metrics.count_requests(api_client)
     if args.metrics_bind:
         address, _, port = args.metrics_bind.rpartition(":")

@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import datetime
 import functools
+import json
 import logging
 import threading
 import time
@@ -50,12 +51,42 @@ def job_view(job: client.V1Job) -> planner.JobView | None:
         name=job.metadata.name, uid=job.metadata.uid, iteration=iteration, role=role, attempt=attempt, state=state,
         succeeded=status.succeeded or 0, failed=status.failed or 0,
         reason=(cond.reason or "") if cond else "", message=(cond.message or "") if cond else "",
+        image=job.spec.template.spec.containers[0].image,
         started=status.start_time.strftime("%Y-%m-%dT%H:%M:%SZ") if status.start_time else None,
         finished=status.completion_time.strftime("%Y-%m-%dT%H:%M:%SZ") if status.completion_time else None)
 
 
 def one_line(text: str, limit: int = 500) -> str:
     return " ".join(text.split())[:limit]
+
+
+def api_message(e: Exception) -> str:
+    """An error in one line: the API server's own message for an ApiException (its Status body), never the
+    response headers the client puts in str(e)."""
+    if isinstance(e, ApiException):
+        try:
+            message = json.loads(e.body or "")["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"{e.status} {e.reason}"
+        return one_line(str(message))
+    return one_line(str(e) or type(e).__name__)
+
+
+def create_error(events: list[client.CoreV1Event]) -> str:
+    """Of a Job's events, the Job controller's FailedCreate message when it is the newest word on creating its
+    pods (a later SuccessfulCreate means the cause passed), else ""."""
+    def when(e: client.CoreV1Event) -> datetime.datetime:
+        series = e.series.last_observed_time if e.series else None
+        return (series or e.last_timestamp or e.event_time or e.first_timestamp
+                or e.metadata.creation_timestamp or datetime.datetime.min.replace(tzinfo=datetime.UTC))
+
+    relevant = [e for e in events if e.reason in ("FailedCreate", "SuccessfulCreate")]
+    newest = max(relevant, key=when, default=None)
+    return one_line(newest.message or "") if newest is not None and newest.reason == "FailedCreate" else ""
+
+
+class ActionFailed(RuntimeError):
+    """An action was refused (API server, admission, storage); the run's status already says so."""
 
 
 def failure_of(pods: list[client.V1Pod], container: str) -> tuple[str, int | None]:
@@ -176,23 +207,31 @@ class Reconciler:
         return lineage.open_store(prefix, endpoint=run.spec.storage.endpoint, region=run.spec.storage.region,
                                   credentials=creds)
 
-    def _with_failure(self, namespace: str, job: planner.JobView) -> planner.JobView:
-        """A failed Job with its failed pod's own words (a worker's reason beats the Job controller's)."""
-        if job.state != "failed":
-            return job
-        if job.uid not in self._failures:
-            pods = self.kube.core.list_namespaced_pod(
-                namespace, label_selector=f"batch.kubernetes.io/controller-uid={job.uid}").items
-            self._failures[job.uid] = failure_of(pods, job.role)
-            if len(self._failures) > 4096:  # bounded: the oldest go first, and would only cost one more list
-                del self._failures[next(iter(self._failures))]
-        message, code = self._failures[job.uid]
-        return dataclasses.replace(job, pod_message=message, exit_code=code)
+    def _with_pod_facts(self, namespace: str, job: client.V1Job) -> planner.JobView | None:
+        """A Job's view with what its pods tell: a failed Job's failed pod in its own words (a worker's reason
+        beats the Job controller's), or why an active Job lacks pods (admission or quota refused them)."""
+        view = job_view(job)
+        if view is None:
+            return None
+        if view.state == "failed":
+            if view.uid not in self._failures:
+                pods = self.kube.core.list_namespaced_pod(
+                    namespace, label_selector=f"batch.kubernetes.io/controller-uid={view.uid}").items
+                self._failures[view.uid] = failure_of(pods, view.role)
+                if len(self._failures) > 4096:  # bounded: the oldest go first, and would only cost one more list
+                    del self._failures[next(iter(self._failures))]
+            message, code = self._failures[view.uid]
+            return dataclasses.replace(view, pod_message=message, exit_code=code)
+        status = job.status
+        if view.state == "active" and (status.active or 0) + (status.succeeded or 0) < (job.spec.completions or 1):
+            events = self.kube.core.list_namespaced_event(
+                namespace, field_selector=f"involvedObject.uid={view.uid}").items
+            return dataclasses.replace(view, create_error=create_error(events))
+        return view
 
     # -- the loop body -------------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str) -> bool:
         """Reconcile one run; True when something changed (the caller requeues soon)."""
-        k = self.kube
         obj = self.cache.get("runs", namespace, name)
         if obj is None:
             return False  # deleted: owner references garbage-collect its Jobs and Services
@@ -200,8 +239,8 @@ class Reconciler:
         run = api.parse(obj, self.images)
         if run.deleting:
             return False
-        jobs = [self._with_failure(namespace, v) for j in self.cache.owned("jobs", namespace, run.uid)
-                if (v := job_view(j)) is not None]
+        jobs = [v for j in self.cache.owned("jobs", namespace, run.uid)
+                if (v := self._with_pod_facts(namespace, j)) is not None]
         services = frozenset(s.metadata.name for s in self.cache.owned("services", namespace, run.uid))
         prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
         try:
@@ -217,22 +256,33 @@ class Reconciler:
         plan = planner.plan(run, planner.Observed(tuple(jobs), services), found, _now(),
                             invalid="; ".join(errors) or None)
         for action in plan.actions:
-            self._apply(run, obj, store, action)
-        status_changed = plan.status != run.status
-        if status_changed:
             try:
-                written = k.objects.patch_namespaced_custom_object_status(
-                    api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": plan.status})
-            except ApiException as e:
-                if e.status == 404:
-                    return False  # deleted meanwhile
-                raise
-            self.cache.put("runs", written)
-            for event in plan.events:
-                self._emit(obj, event)
+                self._apply(run, obj, store, action)
+            except Exception as e:
+                error = api_message(e)
+                self._write_status(obj, run, planner.action_failed(run, action, error, _now()))
+                raise ActionFailed(error) from e  # the queue retries with backoff
+        status_changed = self._write_status(obj, run, plan)
         if found.error:
             raise RuntimeError(found.error)  # the queue retries with backoff
         return bool(plan.actions) or status_changed
+
+    def _write_status(self, obj: dict[str, Any], run: api.SpinRun, plan: planner.Plan) -> bool:
+        """Write the plan's status if it differs from the run's, then the events it describes; False when
+        nothing changed or the run is gone."""
+        if plan.status == run.status:
+            return False
+        try:
+            written = self.kube.objects.patch_namespaced_custom_object_status(
+                api.GROUP, api.VERSION, run.namespace, api.PLURAL, run.name, {"status": plan.status})
+        except ApiException as e:
+            if e.status == 404:
+                return False  # deleted meanwhile
+            raise
+        self.cache.put("runs", written)
+        for event in plan.events:
+            self._emit(obj, event)
+        return True
 
     def _apply(self, run: api.SpinRun, obj: dict[str, Any], store: lineage.Store | None,
                action: planner.Action) -> None:

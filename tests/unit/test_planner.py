@@ -274,3 +274,76 @@ def test_the_workers_get_tensor_parallelism_and_checkpoint_retention_from_the_sp
     assert flag(manifests.generate_command(run, "s3://b/p", 0), "--tensor-parallel-size") == tensor_parallel
     assert flag(manifests.train_command(run, "s3://b/p", 0, 0), "--checkpoints-to-keep") == keep
 
+
+
+# -- attempts survive their Jobs --------------------------------------------------------------------------------
+def status_with(train_attempts: int) -> dict[str, Any]:
+    return {"phase": "Training", "iterations": [{"iteration": 0, "generateAttempts": 1,
+                                                 "trainAttempts": train_attempts}]}
+
+
+RECORDED_GEN = Lineage(steps={(0, GEN): {"job": "demo-i0-gen", "attempt": 0}})
+
+
+def test_a_restart_is_counted_in_status() -> None:
+    obs = Observed((job(0, TRAIN, "failed"),), SVC0)
+    p = planner.plan(make_run(status=status_with(1)), obs, RECORDED_GEN, NOW)
+    assert created(p) == ["demo-i0-train-r1"]
+    (item,) = p.status["iterations"]
+    assert (item["generateAttempts"], item["trainAttempts"], item["restarts"], p.status["restarts"]) == (1, 2, 1, 1)
+
+
+def test_a_deleted_attempt_neither_reuses_a_name_nor_resets_the_budget() -> None:
+    # restartLimit 2: three attempts. r0 failed and was deleted (a TTL); r1 failed and is still there.
+    obs = Observed((job(0, TRAIN, "failed", attempt=1),), SVC0)
+    p = planner.plan(make_run(status=status_with(2), restartLimit=2), obs, RECORDED_GEN, NOW)
+    assert created(p) == ["demo-i0-train-r2"]  # not r1 again: that name exists (a 409, then a hot loop)
+    # Every attempt deleted: the budget spent stays spent.
+    p = planner.plan(make_run(status=status_with(3), restartLimit=2), Observed(services=SVC0), RECORDED_GEN, NOW)
+    assert (p.actions, p.status["phase"], p.status["reason"]) == ((), "Failed", "TrainingRestartsExhausted")
+    assert next(c["message"] for c in p.status["conditions"] if c["type"] == "Failed") == (
+        "demo-i0-train-r2 was deleted before it finished, attempt 3; `spinctl resume` grants another round")
+    assert p.status["iterations"][0]["trainAttempts"] == 3
+
+
+def test_an_attempt_deleted_while_it_ran_counts_as_failed_and_restarts() -> None:
+    p = planner.plan(make_run(status=status_with(1)), Observed(services=SVC0), RECORDED_GEN, NOW)
+    assert created(p) == ["demo-i0-train-r1"]
+    assert p.events[0].message == ("demo-i0-train was deleted before it finished; started demo-i0-train-r1, "
+                                   "attempt 2 of 2")
+
+
+# -- refusals become status ------------------------------------------------------------------------------------
+def test_a_refused_create_keeps_the_phase_and_says_what_and_why() -> None:
+    run = make_run(status={"phase": "Training", "iteration": 0, "reason": "",
+                           "conditions": [{"type": "Progressing", "status": "True", "reason": "Training"}]})
+    action = planner.plan(run, Observed(services=SVC0), RECORDED_GEN, NOW).actions[0]
+    quota = 'jobs.batch "demo-i0-train" is forbidden: exceeded quota: q, limited: count/jobs.batch=0'
+    p = planner.action_failed(run, action, quota, NOW)
+    assert (p.actions, p.status["phase"], p.status["reason"]) == ((), "Training", "JobCreationFailed")
+    (progressing,) = p.status["conditions"]
+    assert (progressing["status"], progressing["reason"], progressing["message"]) == (
+        "False", "JobCreationFailed", f"creating Job demo-i0-train: {quota}")
+    assert p.events == (planner.Event("Warning", "JobCreationFailed", f"creating Job demo-i0-train: {quota}"),)
+    # On a run with no status yet it still reads as a run that has not started.
+    first = planner.action_failed(make_run(), planner.plan(make_run(), Observed(), Lineage(), NOW).actions[0], "x", NOW)
+    assert (first.status["phase"], first.status["conditions"][0]["reason"]) == ("Pending", "JobCreationFailed")
+
+
+def test_pods_the_job_controller_could_not_create_are_named_in_progressing() -> None:
+    refused = ('Error creating: pods "demo-i0-gen-0-x7k2p" is forbidden: violates PodSecurity "restricted:latest": '
+               'runAsNonRoot != true')
+    stuck = planner.JobView("demo-i0-gen", "u", 0, GEN, 0, "active", create_error=refused)
+    p = planner.plan(make_run(status={"phase": "Generating"}), Observed((stuck,)), Lineage(), NOW)
+    progressing = next(c for c in p.status["conditions"] if c["type"] == "Progressing")
+    assert (p.status["reason"], progressing["reason"], progressing["message"]) == (
+        "PodCreationFailed", "PodCreationFailed", f"Job demo-i0-gen: {refused}")
+    assert p.status["phase"] == "Generating" and progressing["status"] == "False"
+
+
+def test_lineage_records_the_image_the_job_ran_not_the_one_the_spec_names_now() -> None:
+    ran = planner.JobView("demo-i0-gen", "u", 0, GEN, 0, "complete", image="registry/generate:1.0")
+    run = make_run(images={"generate": "registry/generate:2.0"})  # changed mid-run: images stay mutable
+    p = planner.plan(run, Observed((ran,)), Lineage(outputs={(0, GEN): {"shards": []}}), NOW)
+    (record,) = [a.record for a in p.actions if isinstance(a, RecordStep)]
+    assert record["image"] == "registry/generate:1.0"

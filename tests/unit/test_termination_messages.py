@@ -87,3 +87,29 @@ def test_the_controller_takes_the_pod_that_failed_first_and_the_last_line_of_its
     assert reconcile.failure_of(pods, "train") == ("torch.OutOfMemoryError: CUDA out of memory", 137)
     assert reconcile.failure_of(pods, "generate") == ("", None)  # no such container: no words of its own
     assert reconcile.failure_of([], "train") == ("", None)
+
+
+def event(reason: str, message: str, minute: int) -> client.CoreV1Event:
+    at = datetime.datetime(2026, 11, 30, 12, minute, tzinfo=datetime.UTC)
+    return client.CoreV1Event(metadata=client.V1ObjectMeta(name=f"e{minute}"), reason=reason, message=message,
+                              involved_object=client.V1ObjectReference(), last_timestamp=at)
+
+
+def test_a_jobs_pod_creation_error_is_its_newest_word_on_creating_pods() -> None:
+    refused = 'Error creating: pods "demo-i0-gen-0-abcde" is forbidden: exceeded quota: q'
+    assert reconcile.create_error([event("SuccessfulCreate", "Created pod: a", 1), event("FailedCreate", refused, 2),
+                                   event("Completed", "Job completed", 3)]) == refused
+    # A pod created after the refusal: whatever caused it passed.
+    passed = [event("FailedCreate", refused, 2), event("SuccessfulCreate", "Created pod: b", 3)]
+    assert reconcile.create_error(passed) == ""
+    assert reconcile.create_error([]) == ""
+
+
+def test_an_api_error_reads_as_the_api_servers_message_without_headers() -> None:
+    e = client.ApiException(status=403, reason="Forbidden")
+    e.body = '{"kind":"Status","message":"jobs.batch \\"x\\" is forbidden: exceeded quota: q","code":403}'
+    e.headers = {"Audit-Id": "123"}
+    assert reconcile.api_message(e) == 'jobs.batch "x" is forbidden: exceeded quota: q'
+    e.body = "not json"
+    assert reconcile.api_message(e) == "403 Forbidden"
+    assert reconcile.api_message(RuntimeError("demo-i0-gen already exists")) == "demo-i0-gen already exists"

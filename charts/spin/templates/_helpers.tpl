@@ -43,6 +43,11 @@ limit: two objects with different suffixes never end up with one name. Call with
 {{- end }}
 
 {{/* The Role that lets the controller hold its leader Lease in the release namespace. */}}
+{{/* The ClusterRole (and its binding) that reads the SpinRun CRD when the rest is a namespaced Role. */}}
+{{- define "spin.crdReaderName" -}}
+{{- include "spin.suffixed" (list . "-controller-crd") }}
+{{- end }}
+
 {{- define "spin.leaderElectionName" -}}
 {{- include "spin.suffixed" (list . "-controller-leader-election") }}
 {{- end }}

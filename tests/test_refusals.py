@@ -1,0 +1,163 @@
+"""What the API server refuses, and Jobs that vanish, on the real control plane: a refused create or a pod the
+Job controller cannot create becomes a condition with the server's words (backed off, never a hot loop), and
+a deleted attempt neither resets the restart budget nor makes the controller re-create a name.
+
+Simulated pods (the node agent's annotations): these tests are about orchestration, not the workers.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from kubernetes import client
+from support import (
+    SIMULATED,
+    Controllers,
+    create_run,
+    get_run,
+    job_names,
+    spin_run,
+    write_outputs,
+)
+
+from spin_k8s import api as spin_api
+from spin_k8s.controller.manager import LEASE_NAME
+from spin_k8s.testing.nodeagent import HANG_ANNOTATION
+from spin_k8s.testing.processes import free_port
+from spin_k8s.testing.s3 import S3Server
+from spin_k8s.workers import tiny
+
+pytestmark = [pytest.mark.cluster, pytest.mark.s3]
+G, V, P = spin_api.GROUP, spin_api.VERSION, spin_api.PLURAL
+
+
+def quota(api: client.ApiClient, controllers: Controllers, name: str, hard: dict[str, str]) -> None:
+    """A ResourceQuota, once the quota controller has counted its usage (until then admission refuses with
+    "status unknown" instead of "exceeded quota")."""
+    core = client.CoreV1Api(api)
+    core.create_namespaced_resource_quota(controllers.namespace, {"metadata": {"name": name}, "spec": {"hard": hard}})
+    controllers.wait(f"quota {name} to be counted", lambda: (
+        core.read_namespaced_resource_quota(name, controllers.namespace).status.used or None), 60)
+
+
+def progressing(api: client.ApiClient, namespace: str, name: str, reason: str) -> dict[str, Any] | None:
+    status = get_run(api, namespace, name).get("status") or {}
+    return next((c for c in status.get("conditions") or [] if c["type"] == "Progressing" and c["reason"] == reason),
+                None)
+
+
+def warnings(api: client.ApiClient, namespace: str, reason: str) -> list[client.CoreV1Event]:
+    return [e for e in client.CoreV1Api(api).list_namespaced_event(namespace).items
+            if e.involved_object.kind == spin_api.KIND and e.reason == reason]
+
+
+def reconcile_errors(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in r.read().decode().splitlines()
+                   if line.startswith("spin_controller_reconciles_total") and 'result="error"' in line)
+
+
+def test_a_refused_job_is_a_condition_with_the_servers_words_backed_off_then_the_run_goes_on(
+        api: client.ApiClient, crd: None, namespace: str, controllers: Controllers, s3_secret: str,
+        assets: tiny.TinyAssets, s3_server: S3Server, bucket: str) -> None:
+    port = free_port()
+    controllers.start(f"--metrics-bind=127.0.0.1:{port}")
+    quota(api, controllers, "no-jobs", {"count/jobs.batch": "0"})
+    created = create_run(api, namespace, spin_run("demo", assets, s3_server, bucket, iterations=1, **SIMULATED))
+    write_outputs(s3_server, bucket, created, iterations=1)
+
+    condition = controllers.wait("the refusal in the status", lambda: progressing(
+        api, namespace, "demo", "JobCreationFailed"), 60)
+    assert condition["status"] == "False"
+    assert condition["message"].startswith(
+        'creating Job demo-i0-gen: jobs.batch "demo-i0-gen" is forbidden: exceeded quota: no-jobs'), condition
+    assert "Audit-Id" not in condition["message"]  # the server's message, not the client's exception dump
+    run = get_run(api, namespace, "demo")
+    assert (run["status"]["phase"], run["status"]["reason"], job_names(api, namespace, "demo")) == (
+        "Pending", "JobCreationFailed", [])
+
+    # Backed off: over a 12 s window a retry loop at the work queue's pace would reconcile hundreds of times.
+    before = reconcile_errors(port)
+    time.sleep(12)
+    assert reconcile_errors(port) - before <= 6
+    assert len(warnings(api, namespace, "JobCreationFailed")) == 1  # one event, not one per retry
+
+    client.CoreV1Api(api).delete_namespaced_resource_quota("no-jobs", namespace)
+    run = controllers.wait_phase(api, "demo", "Succeeded", 120)
+    assert run["status"]["reason"] == "Completed"
+    assert job_names(api, namespace, "demo") == ["demo-i0-gen", "demo-i0-train"]
+
+
+def test_pods_the_job_controller_cannot_create_are_named_in_the_status(
+        api: client.ApiClient, crd: None, namespace: str, controllers: Controllers, s3_secret: str,
+        assets: tiny.TinyAssets, s3_server: S3Server, bucket: str) -> None:
+    controllers.start()
+    quota(api, controllers, "no-pods", {"pods": "0"})
+    create_run(api, namespace, spin_run("demo", assets, s3_server, bucket, iterations=1, **SIMULATED))
+    condition = controllers.wait("the pods' refusal in the status", lambda: progressing(
+        api, namespace, "demo", "PodCreationFailed"), 90)
+    message = condition["message"]
+    assert message.startswith('Job demo-i0-gen: Error creating: pods "demo-i0-gen-'), message
+    assert "is forbidden: exceeded quota: no-pods" in message
+    run = get_run(api, namespace, "demo")
+    assert (condition["status"], run["status"]["phase"], run["status"]["reason"]) == (
+        "False", "Generating", "PodCreationFailed")
+
+
+def test_a_deleted_attempt_is_counted_and_its_name_never_reused(
+        api: client.ApiClient, crd: None, namespace: str, controllers: Controllers, s3_secret: str,
+        assets: tiny.TinyAssets, s3_server: S3Server, bucket: str) -> None:
+    """Generation has one attempt per grant. Deleting the running Job spends it (the run fails, saying so) instead
+    of re-creating the same Job forever; `spinctl resume` grants one more, which starts attempt r1."""
+    batch, objects = client.BatchV1Api(api), client.CustomObjectsApi(api)
+    controllers.start()
+    create_run(api, namespace, spin_run("demo", assets, s3_server, bucket, iterations=1,
+                                        podAnnotations={HANG_ANNOTATION: "true"}))
+
+    def failed() -> dict[str, Any] | None:
+        run = get_run(api, namespace, "demo")
+        return run if (run.get("status") or {}).get("phase") == "Failed" else None
+
+    for attempt, job, resumes in ((1, "demo-i0-gen", 0), (2, "demo-i0-gen-r1", 1)):
+        controllers.wait(f"{job} to run", lambda job=job: job in job_names(api, namespace, "demo") or None, 60)
+        batch.delete_namespaced_job(job, namespace, propagation_policy="Background")
+        run = controllers.wait("the run to fail", failed, 60)
+        message = next(c["message"] for c in run["status"]["conditions"] if c["type"] == "Failed")
+        assert message.startswith(f"{job} was deleted before it finished, attempt {attempt}"), message
+        (item,) = run["status"]["iterations"]
+        assert (item["generateAttempts"], run["status"]["restarts"]) == (attempt, attempt - 1)
+        assert job_names(api, namespace, "demo") == []  # nothing re-created
+        objects.patch_namespaced_custom_object(G, V, namespace, P, "demo", {
+            "metadata": {"annotations": {spin_api.RESUME_ANNOTATION: str(resumes + 1)}}})
+    controllers.wait("demo-i0-gen-r2 after the second resume", lambda: job_names(api, namespace, "demo")
+                     == ["demo-i0-gen-r2"] or None, 60)
+
+
+def test_a_controller_refuses_to_start_on_an_older_crd_naming_what_it_lacks(
+        api: client.ApiClient, crd: None, controllers: Controllers) -> None:
+    """`helm upgrade` leaves crds/ alone: a new controller on the old CRD would lose pruned fields and rewrite
+    its status forever. The installed CRD loses one status property for the length of this test."""
+    ext = client.ApiextensionsV1Api(api)
+    name = f"{P}.{G}"
+    (version,) = [i for i, v in enumerate(ext.read_custom_resource_definition(name).spec.versions) if v.name == V]
+    path = f"/spec/versions/{version}/schema/openAPIV3Schema/properties/status/properties/restarts"
+    removed = ext.read_custom_resource_definition(name).spec.versions[version].schema.open_apiv3_schema \
+        .properties["status"].properties["restarts"]
+    ext.patch_custom_resource_definition(name, [{"op": "remove", "path": path}])
+    try:
+        proc = controllers.start()
+        controllers.unwatch(proc)
+        assert proc.popen.wait(60) == 1
+        log = proc.log.read_text()
+        assert ("refusing to start: the installed SpinRun CRD is older than this controller (it lacks "
+                "status.restarts): kubectl apply --server-side") in log, log
+    finally:
+        ext.patch_custom_resource_definition(name, [{"op": "add", "path": path,
+                                                     "value": api.sanitize_for_serialization(removed)}])
+    # With the CRD whole again, a controller starts and stays up.
+    proc = controllers.start()
+    controllers.wait("the controller to lead", lambda: client.CoordinationV1Api(api).read_namespaced_lease(
+        LEASE_NAME, controllers.namespace).spec.holder_identity.endswith(f"-{proc.popen.pid}"), 60)
