@@ -141,7 +141,8 @@ def main() -> int:
         time.sleep(2)  # the CRD's API appears
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "spin_k8s.controller", f"--kubeconfig={cluster.kubeconfig}",
-                                 f"--namespace={NS}", f"--lease-namespace={NS}", f"--metrics-bind=127.0.0.1:{port}"],
+                                 f"--namespace={NS}", f"--lease-namespace={NS}", f"--metrics-bind=127.0.0.1:{port}",
+                                 f"--allowed-endpoint={s3server.endpoint}"],
                                 stdout=(root / "controller.log").open("wb"), stderr=subprocess.STDOUT)
         ctl = psutil.Process(proc.pid)
 

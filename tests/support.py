@@ -145,9 +145,12 @@ class Controllers:
             self.watched.append(self.s3_server.process)
 
     def start(self, *extra: str) -> Process:
+        """A controller watching the test's namespace; it may reach the S3 server (its endpoint is allowed)."""
+        allowed = [f"--allowed-endpoint={self.s3_server.endpoint}"] if self.s3_server is not None else []
         proc = start_process(f"controller-{len(self.procs)}", [
             sys.executable, "-m", "spin_k8s.controller", f"--kubeconfig={self.cluster.kubeconfig}",
-            f"--namespace={self.namespace}", f"--lease-namespace={self.namespace}", "--resync-seconds=5", *extra,
+            f"--namespace={self.namespace}", f"--lease-namespace={self.namespace}", "--resync-seconds=5", *allowed,
+            *extra,
         ], self.logdir)
         self.procs.append(proc)
         self.watched.append(proc)

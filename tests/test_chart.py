@@ -42,12 +42,14 @@ def helm(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(tools.helm_binary()), *args], capture_output=True, text=True, check=False)
 
 
-def install(cluster: Cluster, namespace: str, metrics_port: int) -> subprocess.CompletedProcess[str]:
-    """`helm install --wait` of the chart watching its own namespace. The metrics server binds loopback:
-    every pod shares this machine's network, and nothing here may listen beyond 127.0.0.1."""
+def install(cluster: Cluster, namespace: str, metrics_port: int, s3_endpoint: str) -> subprocess.CompletedProcess[str]:
+    """`helm install --wait` of the chart watching its own namespace, allowed to reach the test S3 server. The
+    metrics server binds loopback: every pod shares this machine's network, and nothing here may listen beyond
+    127.0.0.1."""
     return helm("--kubeconfig", str(cluster.kubeconfig), "--namespace", namespace, "install", "spin", str(CHART),
                 "--wait", "--timeout", "180s", "--set", f"watchNamespace={namespace}",
-                "--set", f"metrics.port={metrics_port}", "--set", "metrics.bindAddress=127.0.0.1")
+                "--set", f"metrics.port={metrics_port}", "--set", "metrics.bindAddress=127.0.0.1",
+                "--set", f"storage.allowedEndpoints={{{s3_endpoint}}}")
 
 
 def uninstall(cluster: Cluster, namespace: str) -> subprocess.CompletedProcess[str]:
@@ -148,7 +150,10 @@ def test_defaults_render_a_hardened_cluster_wide_controller() -> None:
                                          "protocol": "TCP"}]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     binding = one(objects, "ClusterRoleBinding")
-    assert binding["roleRef"]["name"] == one(objects, "ClusterRole")["metadata"]["name"]
+    assert binding["roleRef"]["name"] == one(objects, "ClusterRole", "spin-controller")["metadata"]["name"]
+    # No Secret anywhere by default (tenantNamespaces lists where), no custom S3 endpoint, never its own identity.
+    assert not [r for r in one(objects, "ClusterRole", "spin-controller")["rules"] if "secrets" in r["resources"]]
+    assert by_kind(objects, "RoleBinding") == [one(objects, "RoleBinding", "spin-controller-leader-election")]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": spec["serviceAccountName"],
                                     "namespace": "spin-system"}]
     lease_role = one(objects, "Role")
@@ -158,9 +163,11 @@ def test_defaults_render_a_hardened_cluster_wide_controller() -> None:
 
 def test_custom_values_watch_one_namespace_with_a_role_and_force_leader_election() -> None:
     objects = render("-f", str(CUSTOM_VALUES), "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
-    # Cluster-wide, only what a namespaced Role cannot hold: reading the SpinRun CRD (checked at start).
-    assert [r["metadata"]["name"] for r in by_kind(objects, "ClusterRole") + by_kind(objects, "ClusterRoleBinding")] \
-        == ["spin-controller-crd"] * 2
+    # Cluster-wide for the controller, only what a namespaced Role cannot hold: reading the SpinRun CRD (checked
+    # at start). The users' aggregated roles are cluster-scoped by nature.
+    cluster_wide = by_kind(objects, "ClusterRole") + by_kind(objects, "ClusterRoleBinding")
+    assert sorted(r["metadata"]["name"] for r in cluster_wide) == ["spin-controller-crd"] * 2 + ["spin-edit",
+                                                                                                 "spin-view"]
     role = one(objects, "Role", "spin-controller")
     assert role["metadata"]["namespace"] == "team-a"
     binding = one(objects, "RoleBinding", "spin-controller")
@@ -271,16 +278,46 @@ def controller_calls() -> set[tuple[str, str, str]]:
 def test_rbac_grants_exactly_what_the_controller_calls() -> None:
     needed = controller_calls()
     assert (spin_api.GROUP, f"{spin_api.PLURAL}/status", "patch") in needed  # the scan sees the code
-    objects = render()
-    granted = rule_set(one(objects, "ClusterRole")["rules"]) | rule_set(one(objects, "Role")["rules"])
+    objects = render("--set", "tenantNamespaces={team-a,team-b}")
+    secrets = one(objects, "ClusterRole", "spin-controller-secrets")["rules"]
+    assert rule_set(secrets) == {("", "secrets", "get")}
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(objects, "RoleBinding")
+                  if b["roleRef"]["name"] == "spin-controller-secrets") == ["team-a", "team-b"]
+    granted = rule_set(one(objects, "ClusterRole", "spin-controller")["rules"]) | rule_set(secrets) | \
+        rule_set(one(objects, "Role")["rules"])
     assert granted == (needed - _UNWATCHED) | _EXTRA
+    objects = render()
     namespaced = render("--set", "watchNamespace=team-a")
     crd = one(namespaced, "ClusterRole", "spin-controller-crd")["rules"]  # cluster-scoped: never in a Role
     assert crd == [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
                     "verbs": ["get"], "resourceNames": ["spinruns.selfplay.dev"]}]
     assert one(namespaced, "ClusterRoleBinding", "spin-controller-crd")["roleRef"]["name"] == "spin-controller-crd"
     assert rule_set(one(namespaced, "Role", "spin-controller")["rules"]) | rule_set(crd) == \
-        rule_set(one(objects, "ClusterRole")["rules"])
+        rule_set(one(objects, "ClusterRole", "spin-controller")["rules"]) | rule_set(secrets)
+
+
+def test_the_controller_may_reach_only_the_storage_the_chart_lists() -> None:
+    args = controller(render("--set", "storage.allowedEndpoints={http://minio.storage:9000}",
+                             "--set", "storage.controllerIdentityPrefixes={s3://team-a/spin,s3://shared}"))["args"]
+    assert [a for a in args if a.startswith(("--allowed-endpoint", "--own-identity-prefix"))] == [
+        "--allowed-endpoint=http://minio.storage:9000", "--own-identity-prefix=s3://team-a/spin",
+        "--own-identity-prefix=s3://shared"]
+    refused = helm("template", "spin", str(CHART), "--set", "storage.controllerIdentityPrefixes={team-a}")
+    assert refused.returncode != 0 and "controllerIdentityPrefixes" in refused.stderr
+
+
+def test_users_get_spinruns_through_the_built_in_edit_and_view_roles() -> None:
+    objects = render()
+    edit, view = one(objects, "ClusterRole", "spin-edit"), one(objects, "ClusterRole", "spin-view")
+    assert {k: v for k, v in edit["metadata"]["labels"].items() if k.startswith("rbac.")} == {
+        "rbac.authorization.k8s.io/aggregate-to-admin": "true", "rbac.authorization.k8s.io/aggregate-to-edit": "true"}
+    assert {k: v for k, v in view["metadata"]["labels"].items() if k.startswith("rbac.")} == {
+        "rbac.authorization.k8s.io/aggregate-to-view": "true"}
+    assert ("selfplay.dev", "spinruns", "create") in rule_set(edit["rules"])
+    assert ("selfplay.dev", "spinruns/status", "patch") not in rule_set(edit["rules"])  # the controller's
+    assert rule_set(view["rules"]) == {("selfplay.dev", r, v) for r in ("spinruns", "spinruns/status")
+                                       for v in ("get", "list", "watch")}
+    assert not by_kind(render("--set", "rbac.aggregateUserRoles=false"), "ClusterRole")[1:]
 
 
 # -- manifests/ (kubectl apply -k) -------------------------------------------------------------------------
@@ -319,10 +356,11 @@ def test_kustomize_equals_the_chart_defaults() -> None:
     """`kubectl apply -k manifests/` and `helm install spin charts/spin -n spin-system` install the same
     controller: same pod spec, same RBAC, same Service; only Helm's own labels differ."""
     plain, chart = kustomize(), render()
-    for kind in ("Deployment", "ServiceAccount", "Service", "ClusterRole", "ClusterRoleBinding", "Role",
-                 "RoleBinding"):
-        ours, theirs = one(plain, kind), one(chart, kind)
-        assert ours["metadata"]["name"] == theirs["metadata"]["name"], kind
+    kinds = ("Deployment", "ServiceAccount", "Service", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in plain if o["kind"] in kinds) == \
+        sorted((o["kind"], o["metadata"]["name"]) for o in chart if o["kind"] in kinds)
+    for kind, name in sorted((o["kind"], o["metadata"]["name"]) for o in plain if o["kind"] in kinds):
+        ours, theirs = one(plain, kind, name), one(chart, kind, name)
         assert ours["metadata"].get("namespace") == theirs["metadata"].get("namespace"), kind
         assert ours["metadata"]["labels"] == without_helm_labels(theirs["metadata"]["labels"]), kind
         for key in ("spec", "roleRef", "subjects"):
@@ -364,10 +402,11 @@ def tiny_example(assets: tiny.TinyAssets, s3_server: S3Server, bucket: str, secr
     return body
 
 
-def can(api: client.ApiClient, user: str, verb: str, resource: str, namespace: str, group: str = "") -> bool:
+def can(api: client.ApiClient, user: str, verb: str, resource: str, namespace: str, group: str = "",
+        subresource: str = "") -> bool:
     review = client.AuthorizationV1Api(api).create_subject_access_review({
         "spec": {"user": user, "resourceAttributes": {"verb": verb, "resource": resource, "group": group,
-                                                      "namespace": namespace}}})
+                                                      "namespace": namespace, "subresource": subresource}}})
     return bool(review.status.allowed)
 
 
@@ -390,7 +429,7 @@ def test_helm_install_runs_a_spinrun_and_uninstall_keeps_the_crd_and_the_run(
     ext = client.ApiextensionsV1Api(api)
     port = free_port()
     # The CRD is cluster-scoped and other tests may have created it: Helm then skips crds/ and goes on.
-    installed = install(cluster, namespace, port)
+    installed = install(cluster, namespace, port, s3_server.endpoint)
     assert installed.returncode == 0, installed.stderr
     assert f"spin-k8s {spin_k8s.__version__} is installed" in installed.stdout
     assert f"kubectl get deploy,spinruns -n {namespace}" in installed.stdout
@@ -411,6 +450,18 @@ def test_helm_install_runs_a_spinrun_and_uninstall_keeps_the_crd_and_the_run(
     assert not can(api, user, "delete", "jobs", namespace, "batch")
     assert not can(api, user, "get", "secrets", "default")  # one watched namespace: nothing beyond it
     assert not can(api, user, "list", "spinruns", "default", spin_api.GROUP)
+    # People: the built-in edit and view roles now carry SpinRuns (the aggregation controller merged ours in).
+    for person, role in (("alice", "edit"), ("bob", "view")):
+        rbac.create_namespaced_role_binding(namespace, {
+            "metadata": {"name": f"{person}-{role}"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": person}]})
+    wait_until("edit and view to aggregate SpinRuns", lambda: can(
+        api, "alice", "create", "spinruns", namespace, spin_api.GROUP) and can(
+        api, "bob", "list", "spinruns", namespace, spin_api.GROUP), 60)
+    assert not can(api, "alice", "patch", "spinruns", namespace, spin_api.GROUP, "status")  # the controller's
+    assert not can(api, "bob", "create", "spinruns", namespace, spin_api.GROUP)
+    assert not can(api, "alice", "create", "spinruns", "default", spin_api.GROUP)  # only where she has edit
 
     core.create_namespaced_secret(namespace, {"metadata": {"name": "s3"}, "stringData": {
         "AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
@@ -454,8 +505,42 @@ def test_helm_install_runs_a_spinrun_and_uninstall_keeps_the_crd_and_the_run(
     assert s3_server.client().head_object(Bucket=bucket, Key=manifest_key)["ContentLength"] > 0
 
     # A second install finds the CRD in place (whatever the first found): Helm skips crds/ and succeeds.
-    again = install(cluster, namespace, free_port())
+    again = install(cluster, namespace, free_port(), s3_server.endpoint)
     assert again.returncode == 0, again.stderr
     assert apps.read_namespaced_deployment("spin-controller", namespace).status.ready_replicas == 1
     uninstalled = uninstall(cluster, namespace)
     assert uninstalled.returncode == 0, uninstalled.stderr
+
+
+@pytest.mark.cluster
+def test_cluster_wide_the_controller_reads_secrets_only_in_the_tenant_namespaces(
+        api: client.ApiClient, namespace: str) -> None:
+    """The chart's RBAC for a controller of every namespace, created on the API server as rendered (release
+    "probe"): SpinRuns everywhere, Secrets only where tenantNamespaces says."""
+    objects = [o for o in render("--set", f"tenantNamespaces={{{namespace}}}", release="probe",
+                                 namespace="probe-system")
+               if o["kind"] in ("ClusterRole", "ClusterRoleBinding") or (o["kind"] == "RoleBinding"
+               and o["metadata"]["namespace"] == namespace)]
+    assert sorted(o["kind"] for o in objects) == ["ClusterRole"] * 4 + ["ClusterRoleBinding", "RoleBinding"]
+    rbac = client.RbacAuthorizationV1Api(api)
+    try:
+        for o in objects:
+            if o["kind"] == "ClusterRole":
+                rbac.create_cluster_role(o)
+            elif o["kind"] == "ClusterRoleBinding":
+                rbac.create_cluster_role_binding(o)
+            else:
+                rbac.create_namespaced_role_binding(namespace, o)
+        (subject,) = next(o for o in objects if o["kind"] == "RoleBinding")["subjects"]
+        assert subject["namespace"] == "probe-system"
+        user = f"system:serviceaccount:probe-system:{subject['name']}"
+        wait_until("the controller's roles to apply", lambda: can(api, user, "get", "secrets", namespace), 60)
+        assert can(api, user, "list", "spinruns", "default", spin_api.GROUP)
+        assert not can(api, user, "get", "secrets", "default")
+        assert not can(api, user, "list", "secrets", namespace)  # get, by name: the Secret a run names
+    finally:
+        for o in objects:
+            if o["kind"] == "ClusterRole":
+                rbac.delete_cluster_role(o["metadata"]["name"])
+            elif o["kind"] == "ClusterRoleBinding":
+                rbac.delete_cluster_role_binding(o["metadata"]["name"])

@@ -161,3 +161,25 @@ def test_a_controller_refuses_to_start_on_an_older_crd_naming_what_it_lacks(
     proc = controllers.start()
     controllers.wait("the controller to lead", lambda: client.CoordinationV1Api(api).read_namespaced_lease(
         LEASE_NAME, controllers.namespace).spec.holder_identity.endswith(f"-{proc.popen.pid}"), 60)
+
+
+def test_storage_the_platform_did_not_allow_is_refused_naming_the_chart_value(
+        api: client.ApiClient, crd: None, namespace: str, controllers: Controllers, s3_secret: str,
+        assets: tiny.TinyAssets, s3_server: S3Server, bucket: str) -> None:
+    """A tenant cannot point the controller at another endpoint (here the cloud metadata address) nor, without a
+    credentials Secret, make it use its own identity: the controller contacts neither and creates nothing."""
+    controllers.start()  # allowed: the test S3 server's endpoint only
+    create_run(api, namespace, spin_run("elsewhere", assets, s3_server, bucket, iterations=1, storage={
+        "uri": f"s3://{bucket}/spin", "credentialsSecret": "s3", "endpoint": "http://169.254.169.254"}))
+    create_run(api, namespace, spin_run("mine", assets, s3_server, bucket, iterations=1, storage={
+        "uri": f"s3://{bucket}/spin", "endpoint": s3_server.endpoint}))
+    endpoint = controllers.wait("the endpoint refused", lambda: progressing(
+        api, namespace, "elsewhere", "EndpointNotAllowed"), 60)
+    assert endpoint["message"] == (
+        f"spec.storage.endpoint http://169.254.169.254 is not one the controller may reach (allowed: "
+        f"{s3_server.endpoint}; chart value storage.allowedEndpoints)")
+    identity = controllers.wait("the controller's identity refused", lambda: progressing(
+        api, namespace, "mine", "CredentialsRequired"), 60)
+    assert identity["message"] == ("spec.storage.credentialsSecret is required: the controller uses its own identity "
+                                   "nowhere (chart value storage.controllerIdentityPrefixes)")
+    assert job_names(api, namespace, "elsewhere") == job_names(api, namespace, "mine") == []

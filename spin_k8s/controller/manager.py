@@ -23,7 +23,7 @@ from kubernetes.client.rest import ApiException
 
 from spin_k8s import api, naming
 from spin_k8s.controller import crdcheck, metrics
-from spin_k8s.controller.reconcile import Cache, Kube, Reconciler
+from spin_k8s.controller.reconcile import LOCKED_DOWN, Cache, Kube, Reconciler, StoragePolicy
 
 log = logging.getLogger("spin_k8s.controller")
 Key = tuple[str, str]
@@ -158,11 +158,12 @@ def _watch(stop: threading.Event, cache: Cache, kind: str, lister: Callable[...,
 class Manager:
     def __init__(self, api_client: client.ApiClient, namespace: str | None, identity: str,
                  lease_namespace: str, leader_elect: bool = True, resync_seconds: float = 30.0,
-                 workers: int = 2, lease_seconds: int = 15, images: api.Images = api.DEFAULT_IMAGES) -> None:
+                 workers: int = 2, lease_seconds: int = 15, images: api.Images = api.DEFAULT_IMAGES,
+                 policy: StoragePolicy = LOCKED_DOWN) -> None:
         self.api = api_client
         self.namespace = namespace
         self.cache = Cache()
-        self.reconciler = Reconciler(Kube(api_client), self.cache, images=images)
+        self.reconciler = Reconciler(Kube(api_client), self.cache, images=images, policy=policy)
         self.queue = WorkQueue()
         self.stop = threading.Event()
         self.elector = LeaderElector(api_client, lease_namespace, LEASE_NAME, identity, lease_seconds) \
@@ -278,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-image", default=api.DEFAULT_IMAGES.train,
                         help="training image for SpinRuns that set no spec.images.train "
                              f"(default {api.DEFAULT_IMAGES.train})")
+    parser.add_argument("--allowed-endpoint", action="append", default=[], metavar="URL",
+                        help="an S3 endpoint a SpinRun's spec.storage.endpoint may name (repeatable; default: none, "
+                             "only AWS S3)")
+    parser.add_argument("--own-identity-prefix", action="append", default=[], metavar="S3_URI",
+                        help="an s3://bucket[/prefix] the controller may reach with its own cloud identity for runs "
+                             "that name no credentials Secret (repeatable; default: none, every S3 run names one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
@@ -294,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     identity = f"{socket.gethostname()}-{os.getpid()}"
     manager = Manager(api_client, args.namespace, identity, args.lease_namespace, args.leader_elect,
                       args.resync_seconds, lease_seconds=args.lease_seconds,
-                      images=api.Images(generate=args.generate_image, train=args.train_image))
+                      images=api.Images(generate=args.generate_image, train=args.train_image),
+                      policy=StoragePolicy(tuple(args.allowed_endpoint), tuple(args.own_identity_prefix)))
     manager.run()
     return 0
 

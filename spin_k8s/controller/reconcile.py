@@ -108,8 +108,42 @@ def failure_of(pods: list[client.V1Pod], container: str) -> tuple[str, int | Non
     return message, code
 
 
-class CredentialsError(RuntimeError):
-    """The credentials Secret a run names cannot be read."""
+class StorageRefused(RuntimeError):
+    """The controller will not (or cannot) reach a run's storage as its spec asks; ``reason`` is the condition
+    reason that says why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class StoragePolicy:
+    """What storage a tenant's SpinRun may make the controller reach, set by the platform team (chart values
+    ``storage.allowedEndpoints`` and ``storage.controllerIdentityPrefixes``). Without it any tenant could point
+    the controller at an internal URL, or have it read and write any bucket its own cloud identity reaches."""
+
+    endpoints: tuple[str, ...] = ()  # storage.endpoint values a run may name; none: only the default (AWS)
+    own_identity_prefixes: tuple[str, ...] = ()  # s3:// prefixes reached with the controller's own identity
+
+    def refusal(self, spec: api.Storage) -> StorageRefused | None:
+        """Why the run's storage is refused, or None."""
+        if spec.endpoint is not None and spec.endpoint.rstrip("/") not in {e.rstrip("/") for e in self.endpoints}:
+            allowed = ", ".join(self.endpoints) or "none"
+            return StorageRefused("EndpointNotAllowed", f"spec.storage.endpoint {spec.endpoint} is not one the "
+                                  f"controller may reach (allowed: {allowed}; chart value storage.allowedEndpoints)")
+        if storage.is_s3(spec.uri) and not spec.credentials_secret and not any(
+                spec.uri.rstrip("/") == p.rstrip("/") or spec.uri.startswith(p.rstrip("/") + "/")
+                for p in self.own_identity_prefixes):
+            where = (f"only under {', '.join(self.own_identity_prefixes)}" if self.own_identity_prefixes
+                     else "nowhere")
+            return StorageRefused("CredentialsRequired", "spec.storage.credentialsSecret is required: the "
+                                  f"controller uses its own identity {where} (chart value "
+                                  "storage.controllerIdentityPrefixes)")
+        return None
+
+
+LOCKED_DOWN = StoragePolicy()  # the default: no custom endpoint, never the controller's own identity
 
 
 class Cache:
@@ -179,9 +213,10 @@ class Reconciler:
     SECRET_TTL = 60.0  # seconds a credentials Secret is trusted before it is read again
 
     def __init__(self, kube: Kube, cache: Cache, component: str = "spin-controller",
-                 images: api.Images = api.DEFAULT_IMAGES) -> None:
+                 images: api.Images = api.DEFAULT_IMAGES, policy: StoragePolicy = LOCKED_DOWN) -> None:
         self.kube = kube
         self.images = images
+        self.policy = policy
         self.cache = cache
         self.component = component
         self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
@@ -190,6 +225,9 @@ class Reconciler:
 
     # -- observe --------------------------------------------------------------------------------------------
     def _store(self, run: api.SpinRun) -> lineage.Store:
+        refused = self.policy.refusal(run.spec.storage)
+        if refused is not None:
+            raise refused
         prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
         creds: dict[str, str] = {}
         if run.spec.storage.credentials_secret and storage.is_s3(prefix):
@@ -200,8 +238,10 @@ class Reconciler:
                     secret = self.kube.core.read_namespaced_secret(key[1], key[0])
                 except ApiException as e:
                     what = "not found" if e.status == 404 else f"not readable by the controller ({e.status} {e.reason})"
-                    raise CredentialsError(f'Secret "{key[1]}" {what} in namespace "{key[0]}" '
-                                           "(spec.storage.credentialsSecret)") from e
+                    hint = ": the chart grants it Secrets only in the namespaces tenantNamespaces lists" \
+                        if e.status == 403 else ""
+                    raise StorageRefused("CredentialsUnavailable", f'Secret "{key[1]}" {what} in namespace '
+                                         f'"{key[0]}" (spec.storage.credentialsSecret){hint}') from e
                 creds = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
                 self._secrets[key] = (time.monotonic(), creds)
         return lineage.open_store(prefix, endpoint=run.spec.storage.endpoint, region=run.spec.storage.region,
@@ -247,9 +287,9 @@ class Reconciler:
             store = self._store(run)
             steps = lineage.load(store)
             found = planner.Lineage(steps, lineage.step_outputs(store, run, prefix, jobs, steps))
-        except CredentialsError as e:
+        except StorageRefused as e:
             store = None
-            found = planner.Lineage(error=str(e), error_reason="CredentialsUnavailable")
+            found = planner.Lineage(error=str(e), error_reason=e.reason)
         except Exception as e:  # storage down or credentials wrong: say why, retry with backoff
             store = None
             found = planner.Lineage(error=f"{type(e).__name__}: {one_line(str(e), 300)}")

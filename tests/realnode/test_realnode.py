@@ -155,6 +155,7 @@ def test_chart_controller_in_a_container_runs_two_iterations_with_a_two_node_gan
         "--set", f"image.repository={repository}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
         "--set", f"workerImages.generate={image_refs['generate']}",
         "--set", f"workerImages.train={image_refs['train']}",
+        "--set", f"storage.allowedEndpoints={{{node_s3.endpoint}}}",
     ], capture_output=True, text=True, check=False)
     assert installed.returncode == 0, installed.stderr
     (pod,) = core.list_namespaced_pod(ns, label_selector="app.kubernetes.io/component=controller").items

@@ -48,6 +48,16 @@ limit: two objects with different suffixes never end up with one name. Call with
 {{- include "spin.suffixed" (list . "-controller-crd") }}
 {{- end }}
 
+{{/* The ClusterRole that reads Secrets, bound in each of tenantNamespaces. */}}
+{{- define "spin.secretsReaderName" -}}
+{{- include "spin.suffixed" (list . "-controller-secrets") }}
+{{- end }}
+
+{{/* The users' ClusterRoles, aggregated into the built-in edit / admin and view roles. */}}
+{{- define "spin.userRoleName" -}}
+{{- include "spin.suffixed" (list (index . 0) (printf "-%s" (index . 1))) }}
+{{- end }}
+
 {{- define "spin.leaderElectionName" -}}
 {{- include "spin.suffixed" (list . "-controller-leader-election") }}
 {{- end }}
