@@ -55,6 +55,10 @@ from spin_k8s import storage
 from spin_k8s.workers import batching, data, runtime
 from spin_k8s.workers.loss import LOSS_TYPES
 
+# Positions projected to the vocabulary at a time (``loss.response_logps``): their fp32 logits are 128 MiB at a
+# 32k vocabulary, 512 MiB at 128k, where a whole micro-batch's would be many GiB.
+LOGITS_CHUNK_TOKENS = 1024
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
@@ -84,6 +88,7 @@ class TrainSettings:
     max_steps: int  # 0: epochs * (pairs // global batch); else the steps trained, and the schedule's if no epochs
     length_grouping: bool  # global batches of pairs of similar length (batching.GROUP_WINDOW); off: plain random
     micro_batch_size: int  # pairs per process per forward
+    logits_chunk_tokens: int  # response positions whose fp32 logits exist at once (LOGITS_CHUNK_TOKENS)
     gradient_accumulation_steps: int
     max_length: int  # prompt + response tokens
     max_prompt_length: int
@@ -229,17 +234,29 @@ def load_pairs(uris: Sequence[str], tokenizer: PreTrainedTokenizerBase, s: Train
     return pairs
 
 
-def batch_logps(model: Callable[..., Any], batch: batching.Batch) -> torch.Tensor:
-    """Summed response log-probs of the batch's 2B sequences in one forward; (2B,)."""
-    from spin_k8s.workers.loss import sequence_logps
+def batch_logps(model: Callable[..., Any], batch: batching.Batch,
+                chunk_tokens: int = LOGITS_CHUNK_TOKENS) -> torch.Tensor:
+    """Summed response log-probs of the batch's 2B sequences in one forward; (2B,).
 
-    k = batch.keep
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=k, use_cache=False)
-    return sequence_logps(out.logits, batch.input_ids[:, -k:], batch.response_mask[:, -k:])  # (2B,)
+    The model (a DeepSpeed engine or a Hugging Face model) runs whole, as its forward hooks (ZeRO-3 gathers
+    weights in them) expect, but its own LM head computes one position only; the final hidden states are taken
+    from the decoder on the way and projected by ``loss.response_logps``, ``chunk_tokens`` positions at a time.
+    """
+    from spin_k8s.workers.loss import response_logps
+
+    net: Any = getattr(model, "module", model)  # a DeepSpeed engine wraps the Hugging Face model
+    hidden: list[torch.Tensor] = []
+    hook = net.get_decoder().register_forward_hook(lambda _module, _args, out: hidden.append(out[0]))
+    try:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return response_logps(hidden[0], net.get_output_embeddings(), batch.input_ids, batch.response_mask,
+                          chunk_tokens)  # (2B,)
 
 
 def score_pairs(model: Callable[..., Any], pairs: Sequence[batching.Pair], todo: Sequence[int], dist: Dist,
-                micro_batch_size: int, pad_id: int, device: torch.device) -> dict[int, tuple[float, float]]:
+                s: TrainSettings, pad_id: int, device: torch.device) -> dict[int, tuple[float, float]]:
     """(real, generated) summed log-probs of ``pairs[i]`` for i in ``todo``, computed without gradients
     with the work split over the ranks, and known to every rank afterwards."""
     import torch
@@ -250,11 +267,11 @@ def score_pairs(model: Callable[..., Any], pairs: Sequence[batching.Pair], todo:
     mine = ordered[dist.rank * per_rank:(dist.rank + 1) * per_rank]
     found: dict[int, tuple[float, float]] = {}
     # Every rank runs the same number of forwards: under ZeRO-3 each one gathers weights collectively.
-    for start in range(0, per_rank, micro_batch_size):
-        chunk = mine[start:start + micro_batch_size]
+    for start in range(0, per_rank, s.micro_batch_size):
+        chunk = mine[start:start + s.micro_batch_size]
         batch = batching.collate([pairs[i] for i in chunk or ordered[:1]], pad_id).to(device)
         with torch.no_grad():
-            logps = batch_logps(model, batch).tolist()
+            logps = batch_logps(model, batch, s.logits_chunk_tokens).tolist()
         found.update((i, (logps[k], logps[len(chunk) + k])) for k, i in enumerate(chunk))
     gathered: list[dict[int, tuple[float, float]]] = [{} for _ in range(dist.world_size)]
     torch.distributed.all_gather_object(gathered, found)
@@ -277,7 +294,7 @@ def check_reference(model: Callable[..., Any], pairs: Sequence[batching.Pair], s
     if not pool or not s.reference_check_pairs:
         return None
     sample = sorted(random.Random(s.seed).sample(pool, min(s.reference_check_pairs, len(pool))))
-    own = score_pairs(model, pairs, sample, dist, s.micro_batch_size, pad_id, device)
+    own = score_pairs(model, pairs, sample, dist, s, pad_id, device)
     shard = torch.tensor([(pairs[i].ref_real, pairs[i].ref_generated) for i in sample], dtype=torch.float64)  # (N, 2)
     mine = torch.tensor([own[i] for i in sample], dtype=torch.float64)  # (N, 2)
     sequence = (shard - mine).abs()  # (N, 2)
@@ -301,7 +318,7 @@ def evaluate(engine: Any, pairs: list[batching.Pair], s: TrainSettings, dist: Di
     from spin_k8s.workers.loss import spin_loss
 
     engine.eval()
-    scores = score_pairs(engine, pairs, range(len(pairs)), dist, s.micro_batch_size, pad_id, engine.device)
+    scores = score_pairs(engine, pairs, range(len(pairs)), dist, s, pad_id, engine.device)
     engine.train()
     policy = torch.tensor([scores[i] for i in range(len(pairs))])  # (N, 2)
     ref = torch.tensor([(p.ref_real, p.ref_generated) for p in pairs])  # (N, 2)
@@ -487,7 +504,11 @@ def train(s: TrainSettings) -> int:
     zero3_loading = HfDeepSpeedConfig(ds_config) if s.zero_stage == 3 else None  # type: ignore[no-untyped-call]
     config = AutoConfig.from_pretrained(model_dir)
     dropout = disable_dropout(config)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    # Loaded in the training precision: with bf16, DeepSpeed casts the module to bf16 anyway and keeps the fp32
+    # master weights in its optimizer, made from the bf16 ones, so an fp32 load only doubled each rank's host
+    # memory (a 7B model: 29 GB instead of 14.5 GB per rank at ZeRO < 3), for the same numbers.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=compute_dtype)
+    loaded_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     for module in model.modules():  # dropout an architecture builds with a fixed probability, not from its config
         if isinstance(module, torch.nn.Dropout) and module.p:
             module.p = 0.0
@@ -522,8 +543,8 @@ def train(s: TrainSettings) -> int:
     ref_counts = {"precomputed": sum(p.ref_real is not None for p in everything[:len(pairs)]),
                   "live": len(pairs) if s.reference == "live" else 0, "first_pass": sum(i < len(pairs) for i in todo)}
     if todo:
-        everything = with_reference(everything, score_pairs(engine, everything, todo, dist, s.micro_batch_size,
-                                                            pad_id, engine.device))
+        everything = with_reference(everything, score_pairs(engine, everything, todo, dist, s, pad_id,
+                                                            engine.device))
     engine.train()
     pairs, eval_pairs = everything[:len(pairs)], everything[len(pairs):]
 
@@ -532,7 +553,7 @@ def train(s: TrainSettings) -> int:
         # Under ZeRO-3 a parameter's data is only this rank's partition; ds_numel is the whole size.
         params = list(engine.module.parameters())
         runtime.log(event="start", pairs=len(pairs), eval_pairs=len(eval_pairs), steps=steps, schedule_steps=schedule,
-                    warmup_steps=warmup, first_step=start + 1, dropout_disabled=dropout,
+                    warmup_steps=warmup, first_step=start + 1, dropout_disabled=dropout, loaded_dtype=loaded_dtype,
                     global_batch=global_batch, world_size=dist.world_size, zero_stage=s.zero_stage,
                     parameters=sum(getattr(p, "ds_numel", p.numel()) for p in params),
                     parameters_on_rank=sum(getattr(p, "ds_tensor", p).numel() for p in params))
@@ -548,10 +569,10 @@ def train(s: TrainSettings) -> int:
         for chunk in batching.micro_batches(indices, lengths, s.micro_batch_size, dist.world_size, dist.rank):
             batch = batching.collate([pairs[i] for i in chunk], pad_id).to(engine.device)
             b = len(chunk)
-            logps = batch_logps(engine, batch)  # (2B,) real rows first
+            logps = batch_logps(engine, batch, s.logits_chunk_tokens)  # (2B,) real rows first
             if ref_model is not None:
                 with torch.no_grad():
-                    ref = batch_logps(ref_model, batch)  # (2B,)
+                    ref = batch_logps(ref_model, batch, s.logits_chunk_tokens)  # (2B,)
             else:
                 assert batch.ref_logps is not None
                 ref = batch.ref_logps
@@ -644,6 +665,9 @@ def parser() -> argparse.ArgumentParser:
       f"{batching.GROUP_WINDOW} global batches is formed from pairs of similar length, then the batches are "
       "shuffled; off: plain random batches, as the authors (default on; example: --no-length-grouping)")
     a("--micro-batch-size", type=int, default=8, help="pairs per process per forward (default 8; example: 4)")
+    a("--logits-chunk-tokens", type=int, default=LOGITS_CHUNK_TOKENS, help="response tokens projected to the "
+      "vocabulary at a time: their fp32 logits (tokens x vocabulary x 4 bytes) are the most that exist at once "
+      f"(default {LOGITS_CHUNK_TOKENS}; example: 256 for a 256k vocabulary)")
     a("--gradient-accumulation-steps", type=int, default=1,
       help="micro-batches per optimizer step (default 1; example: 4)")
     a("--max-length", type=int, default=1024, help="prompt + response tokens (default 1024; example: 2048)")
@@ -671,10 +695,12 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
     args = parser().parse_args(argv)
-    numbers = (args.micro_batch_size, args.gradient_accumulation_steps, args.epochs or args.max_steps)
+    numbers = (args.micro_batch_size, args.gradient_accumulation_steps, args.epochs or args.max_steps,
+               args.logits_chunk_tokens)
     counts = (args.max_steps, args.checkpoint_every, args.keep_previous, args.schedule_epochs)
     if min(numbers) < 1 or min(counts) < 0:
-        raise runtime.UsageError("batch sizes, accumulation and epochs/steps must be >= 1; counts >= 0")
+        raise runtime.UsageError("batch sizes, accumulation, epochs/steps and --logits-chunk-tokens must be >= 1; "
+                                 "counts >= 0")
     if args.schedule_epochs and not args.max_steps and args.schedule_epochs < args.epochs:
         raise runtime.UsageError("need --schedule-epochs >= --epochs: the schedule cannot end before training")
     if args.max_prompt_length < 1 or args.max_length <= args.max_prompt_length:
@@ -703,7 +729,8 @@ def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
         precision=args.precision, optimizer=args.optimizer, learning_rate=args.learning_rate, beta=args.beta,
         loss_type=args.loss_type, warmup_ratio=args.warmup_ratio, epochs=args.epochs,
         schedule_epochs=args.schedule_epochs, max_steps=args.max_steps, length_grouping=args.length_grouping,
-        micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        micro_batch_size=args.micro_batch_size, logits_chunk_tokens=args.logits_chunk_tokens,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_length=args.max_length, max_prompt_length=args.max_prompt_length,
         max_response_length=runtime.response_cap_from_args(args), prompt_format=template.format,
         system_prompt=template.system_prompt, max_grad_norm=args.max_grad_norm,
