@@ -88,7 +88,7 @@ class TrainSettings:
     max_steps: int  # 0: epochs * (pairs // global batch); else the steps trained, and the schedule's if no epochs
     length_grouping: bool  # global batches of pairs of similar length (batching.GROUP_WINDOW); off: plain random
     micro_batch_size: int  # pairs per process per forward
-    logits_chunk_tokens: int  # response positions whose fp32 logits exist at once (LOGITS_CHUNK_TOKENS)
+    logits_chunk_tokens: int  # response positions whose fp32 logits exist at once (LOGITS_CHUNK_TOKENS); 0: all
     gradient_accumulation_steps: int
     max_length: int  # prompt + response tokens
     max_prompt_length: int
@@ -234,25 +234,45 @@ def load_pairs(uris: Sequence[str], tokenizer: PreTrainedTokenizerBase, s: Train
     return pairs
 
 
-def batch_logps(model: Callable[..., Any], batch: batching.Batch,
-                chunk_tokens: int = LOGITS_CHUNK_TOKENS) -> torch.Tensor:
-    """Summed response log-probs of the batch's 2B sequences in one forward; (2B,).
-
-    The model (a DeepSpeed engine or a Hugging Face model) runs whole, as its forward hooks (ZeRO-3 gathers
-    weights in them) expect, but its own LM head computes one position only; the final hidden states are taken
-    from the decoder on the way and projected by ``loss.response_logps``, ``chunk_tokens`` positions at a time.
-    """
-    from spin_k8s.workers.loss import response_logps
-
+def last_position(model: Callable[..., Any], batch: batching.Batch) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """One forward of the model (a DeepSpeed engine or a Hugging Face model) whose own LM head computes the last
+    position only: (its logits (2B, 1, V), the decoder's final hidden states (2B, T, H), the LM head). The model
+    runs whole, as its forward hooks (ZeRO-3 gathers weights in them) expect; the hidden states are taken from
+    the decoder on the way."""
     net: Any = getattr(model, "module", model)  # a DeepSpeed engine wraps the Hugging Face model
     hidden: list[torch.Tensor] = []
     hook = net.get_decoder().register_forward_hook(lambda _module, _args, out: hidden.append(out[0]))
     try:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
     finally:
         hook.remove()
-    return response_logps(hidden[0], net.get_output_embeddings(), batch.input_ids, batch.response_mask,
-                          chunk_tokens)  # (2B,)
+    return out.logits, hidden[0], net.get_output_embeddings()
+
+
+def batch_logps(model: Callable[..., Any], batch: batching.Batch,
+                chunk_tokens: int = LOGITS_CHUNK_TOKENS) -> torch.Tensor:
+    """Summed response log-probs of the batch's 2B sequences in one forward; (2B,). The response positions'
+    hidden states are projected by ``loss.response_logps``, ``chunk_tokens`` at a time; 0: from the model's own
+    logits, whole (for an architecture whose logits are not its LM head's output: ``head_gives_the_logits``)."""
+    from spin_k8s.workers.loss import response_logps, sequence_logps
+
+    if not chunk_tokens:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return sequence_logps(out.logits, batch.input_ids, batch.response_mask)  # (2B,)
+    _, hidden, head = last_position(model, batch)
+    return response_logps(hidden, head, batch.input_ids, batch.response_mask, chunk_tokens)  # (2B,)
+
+
+def head_gives_the_logits(model: Callable[..., Any], batch: batching.Batch) -> bool:
+    """Whether the model's logits are its LM head (a linear layer) applied to the decoder's final hidden states,
+    as the chunked log-probs assume: not for an architecture whose forward transforms them (Gemma 2's
+    soft-capping, Cohere's logit scale). Where nothing happens in between, the model's own last-position logits
+    and the head applied to the same hidden state are the same operation on the same tensor: bit for bit equal.
+    Call without gradients, on every rank (the head's call gathers its weights under ZeRO-3)."""
+    import torch
+
+    logits, hidden, head = last_position(model, batch)
+    return isinstance(head, torch.nn.Linear) and torch.equal(logits, head(hidden[:, -1:]))
 
 
 def score_pairs(model: Callable[..., Any], pairs: Sequence[batching.Pair], todo: Sequence[int], dist: Dist,
@@ -523,6 +543,13 @@ def train(s: TrainSettings) -> int:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: linear_schedule(k, schedule, warmup)))
     if ref_model is not None:
         ref_model.to(engine.device)
+    with torch.no_grad():
+        plain_head = head_gives_the_logits(engine, batching.collate(pairs[:1], pad_id).to(engine.device))
+    if s.logits_chunk_tokens and not plain_head:
+        s = replace(s, logits_chunk_tokens=0)
+        if dist.rank == 0:
+            runtime.log(event="logits_whole", reason="the model's logits are not its LM head's output (a soft-cap "
+                        "or a scale in its forward): log-probs are computed from its whole logits")
 
     # Reference log-probs: the shards' are checked on a sample and dropped if they disagree with the trainer's
     # own forward; the missing ones come from one pass of the policy, which has not moved yet: the reference.
@@ -666,7 +693,8 @@ def parser() -> argparse.ArgumentParser:
       "shuffled; off: plain random batches, as the authors (default on; example: --no-length-grouping)")
     a("--micro-batch-size", type=int, default=8, help="pairs per process per forward (default 8; example: 4)")
     a("--logits-chunk-tokens", type=int, default=LOGITS_CHUNK_TOKENS, help="response tokens projected to the "
-      "vocabulary at a time: their fp32 logits (tokens x vocabulary x 4 bytes) are the most that exist at once "
+      "vocabulary at a time: their fp32 logits (tokens x vocabulary x 4 bytes) are the most that exist at once; "
+      "0 = the model's whole logits, as does a model whose logits are not its LM head's output "
       f"(default {LOGITS_CHUNK_TOKENS}; example: 256 for a 256k vocabulary)")
     a("--gradient-accumulation-steps", type=int, default=1,
       help="micro-batches per optimizer step (default 1; example: 4)")
@@ -695,12 +723,10 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
     args = parser().parse_args(argv)
-    numbers = (args.micro_batch_size, args.gradient_accumulation_steps, args.epochs or args.max_steps,
-               args.logits_chunk_tokens)
-    counts = (args.max_steps, args.checkpoint_every, args.keep_previous, args.schedule_epochs)
+    numbers = (args.micro_batch_size, args.gradient_accumulation_steps, args.epochs or args.max_steps)
+    counts = (args.max_steps, args.checkpoint_every, args.keep_previous, args.schedule_epochs, args.logits_chunk_tokens)
     if min(numbers) < 1 or min(counts) < 0:
-        raise runtime.UsageError("batch sizes, accumulation, epochs/steps and --logits-chunk-tokens must be >= 1; "
-                                 "counts >= 0")
+        raise runtime.UsageError("batch sizes, accumulation and epochs/steps must be >= 1; counts >= 0")
     if args.schedule_epochs and not args.max_steps and args.schedule_epochs < args.epochs:
         raise runtime.UsageError("need --schedule-epochs >= --epochs: the schedule cannot end before training")
     if args.max_prompt_length < 1 or args.max_length <= args.max_prompt_length:

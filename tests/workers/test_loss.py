@@ -212,3 +212,25 @@ def test_chunked_logps_never_hold_the_batch_logits(narrow_model: Any) -> None:
         *_, chunked = logps_and_grads(narrow_model, batch, chunk)
         assert chunked.largest <= max(chunk, rows, hidden) * vocab < full.largest / 10
         assert chunked.saved <= hidden * vocab  # the head's weight, transposed (H, V), saved by its one position
+
+
+def test_a_model_whose_logits_are_not_its_heads_output_is_scored_from_its_whole_logits(narrow_model: Any) -> None:
+    """Gemma 2 soft-caps its logits in its forward, after the LM head: the chunked path, which applies the head
+    alone, would be wrong there; the trainer's check tells the two kinds apart, and 0 chunk tokens score from the
+    model's own logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=narrow_model.config.vocab_size, hidden_size=16, intermediate_size=32,
+                          num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=16,
+                          final_logit_softcapping=0.5)
+    gemma = Gemma2ForCausalLM(config).eval()
+    gemma.lm_head.weight.data *= 100  # logits of ~10, which the cap at 0.5 squashes: the two paths far apart
+    batch = long_batch(config.vocab_size)
+    with torch.no_grad():
+        assert train.head_gives_the_logits(narrow_model, batch)
+        assert not train.head_gives_the_logits(gemma, batch)
+        full = gemma(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (2B, T, V)
+        expected = torch.tensor(naive_logps(full, batch.input_ids, batch.response_mask), dtype=torch.float64)
+        torch.testing.assert_close(train.batch_logps(gemma, batch, 0).double(), expected, rtol=1e-6, atol=1e-5)
+        assert (train.batch_logps(gemma, batch, 4).double() - expected).abs().max() > 1.0  # what the check prevents

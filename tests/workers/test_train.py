@@ -88,6 +88,7 @@ def test_zero3_learns_the_fixed_batch_and_writes_a_checkpoint(zero3_run: tuple[l
     start = next(e for e in evs if e["event"] == "start")
     assert start["world_size"] == 2 and start["zero_stage"] == 3 and start["global_batch"] == 4
     assert start["loaded_dtype"] == "float32"
+    assert "logits_whole" not in {e["event"] for e in evs}  # a Llama's logits are its head's output: chunked
     assert start["parameters_on_rank"] < 0.7 * start["parameters"]  # the weights really are partitioned
     saved = [e for e in evs if e["event"] == "checkpoint"]
     assert [e["step"] for e in saved] == [1, 2, 3, 4, 5]  # none after the last step: the model is the output
@@ -134,6 +135,17 @@ def test_zero2_bf16_adamw_learns_the_fixed_batch(tiny_assets: tiny.TinyAssets, f
                                     "--precision", "bf16", "--optimizer", "adamw"), tmp_path / "cache")
     assert next(e for e in evs if e["event"] == "start")["loaded_dtype"] == "bfloat16"
     assert_learns(steps_of(evs))
+
+
+def test_zero3_ranks_with_different_token_counts_stay_in_step(tiny_assets: tiny.TinyAssets, synthetic: Path,
+                                                               tmp_path: Path) -> None:
+    """Under ZeRO-3 each call of the LM head gathers its weight from every rank: the log-probs of a micro-batch,
+    in however many chunks of 3 positions, take one call on each rank, else ranks whose micro-batches hold
+    different numbers of response tokens would make different numbers of collectives and fail (as they did)."""
+    args = base_args(tiny_assets, synthetic, str(tmp_path / "out"), "--zero-stage", "3", "--logits-chunk-tokens", "3")
+    evs, _ = run_train(2, [a if a != str(STEPS) else "2" for a in args], tmp_path / "cache")
+    steps = steps_of(evs)
+    assert [s["step"] for s in steps] == [1, 2] and steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
 def test_zero0_and_zero3_give_the_same_losses(tiny_assets: tiny.TinyAssets, fixed_batch: Path, tmp_path: Path,
