@@ -138,7 +138,7 @@ def fetch_model(uri: str, cache_dir: Path) -> Path:
     it) and as a whole against the digest the training worker recorded with it (``checkpoint_sha256`` in its
     ``metrics.json``), and only then renamed into place: the rename is the completion marker, so a download
     that failed or was killed is never used. Its leftovers are deleted by the next process holding the lock (a
-    killed holder's lock is released with its process). Logs one ``fetched`` event per process: ``downloaded``
+    killed holder's lock is released with its process). Logs one ``model_fetched`` event per process: ``downloaded``
     is true in the one process per node that downloaded.
     """
     loc = storage.parse(uri)
@@ -164,7 +164,7 @@ def fetch_model(uri: str, cache_dir: Path) -> Path:
                 staging.rename(target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-    log(event="fetched", uri=uri, path=str(target), downloaded=downloaded,
+    log(event="model_fetched", uri=uri, path=str(target), downloaded=downloaded,
         node=int(os.environ.get("GROUP_RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         seconds=round(time.monotonic() - began, 3))
     return target

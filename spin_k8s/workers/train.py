@@ -151,6 +151,24 @@ def disable_dropout(config: Any) -> dict[str, float]:
     return was
 
 
+def load_policy(model_dir: Path, dtype: torch.dtype) -> tuple[Any, dict[str, float]]:
+    """(the policy to train, the dropout probabilities turned off in it: ``disable_dropout``), loaded in ``dtype``,
+    the training precision: with bf16, DeepSpeed casts the module to bf16 anyway and keeps the fp32 master
+    weights in its optimizer, made from the bf16 ones, so an fp32 load only doubled each rank's host memory (a 7B
+    model: 29 GB instead of 14.5 GB per rank at ZeRO < 3), for the same numbers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    dropout = disable_dropout(config)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
+    for module in model.modules():  # dropout an architecture builds with a fixed probability, not from its config
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p = 0.0
+    model.config.use_cache = False
+    return model, dropout
+
+
 def deepspeed_config(s: TrainSettings, world_size: int, node_local_checkpoints: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": s.zero_stage}
     if s.zero_stage == 3:
@@ -486,7 +504,7 @@ def train(s: TrainSettings) -> int:
 
     import deepspeed
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     from spin_k8s.workers.loss import spin_loss
@@ -522,17 +540,8 @@ def train(s: TrainSettings) -> int:
         ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute_dtype).requires_grad_(False)
     # Kept alive while the policy loads: under ZeRO-3 it makes from_pretrained partition weights as it loads.
     zero3_loading = HfDeepSpeedConfig(ds_config) if s.zero_stage == 3 else None  # type: ignore[no-untyped-call]
-    config = AutoConfig.from_pretrained(model_dir)
-    dropout = disable_dropout(config)
-    # Loaded in the training precision: with bf16, DeepSpeed casts the module to bf16 anyway and keeps the fp32
-    # master weights in its optimizer, made from the bf16 ones, so an fp32 load only doubled each rank's host
-    # memory (a 7B model: 29 GB instead of 14.5 GB per rank at ZeRO < 3), for the same numbers.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=compute_dtype)
+    model, dropout = load_policy(model_dir, compute_dtype)
     loaded_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    for module in model.modules():  # dropout an architecture builds with a fixed probability, not from its config
-        if isinstance(module, torch.nn.Dropout) and module.p:
-            module.p = 0.0
-    model.config.use_cache = False
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer_class = torch.optim.RMSprop if s.optimizer == "rmsprop" else torch.optim.AdamW

@@ -47,7 +47,7 @@ def stored_model(tiny_assets: tiny.TinyAssets, s3_env: None, bucket: str) -> tup
 
 
 def fetched(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
-    return [e for e in events(capsys.readouterr().out) if e["event"] == "fetched"]
+    return [e for e in events(capsys.readouterr().out) if e["event"] == "model_fetched"]
 
 
 def test_a_model_is_downloaded_once_verified_and_then_found(stored_model: tuple[str, str], tmp_path: Path,

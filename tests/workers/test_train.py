@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,44 @@ def test_zero3_ranks_with_different_token_counts_stay_in_step(tiny_assets: tiny.
     assert [s["step"] for s in steps] == [1, 2] and steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
+# Anonymous (private) memory a loaded policy holds: resident memory after loading it minus after deleting it, in
+# a fresh process, glibc kept from hiding freed memory in its heaps and arenas.
+HELD = """
+import gc, sys, torch
+from pathlib import Path
+from spin_k8s.workers import train
+def anon():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) * 1024
+model, _ = train.load_policy(Path(sys.argv[1]), getattr(torch, sys.argv[2]))
+loaded, dtypes = anon(), {str(p.dtype) for p in model.parameters()}
+del model
+gc.collect()
+print(loaded - anon(), *dtypes)
+"""
+
+
+def test_a_bf16_checkpoint_loads_for_bf16_training_without_a_private_copy(tmp_path: Path) -> None:
+    """Published 7B checkpoints are bf16. Loaded in bf16 the weights stay in the page cache the node's ranks share
+    (the safetensors file mapped); loaded in fp32, as before, each rank held a private copy twice the file's size
+    (8 ranks x 29 GB for a 7B model), which DeepSpeed then cast back to bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16384, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())  # 27 M: 54 MB in bf16
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    held = {}
+    for dtype in ("bfloat16", "float32"):
+        out = subprocess.run([sys.executable, "-c", HELD, str(tmp_path / "model"), dtype], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        assert out[1:] == [f"torch.{dtype}"]
+        held[dtype] = int(out[0])
+    assert held["float32"] > 0.9 * 4 * params
+    assert held["bfloat16"] < 0.1 * 2 * params
+
+
 def test_zero0_and_zero3_give_the_same_losses(tiny_assets: tiny.TinyAssets, fixed_batch: Path, tmp_path: Path,
                                               zero3_run: tuple[list[dict[str, Any]], Path]) -> None:
     evs, _ = run_train(2, base_args(tiny_assets, fixed_batch, str(tmp_path / "out"), "--zero-stage", "0",
@@ -247,7 +286,7 @@ def test_two_ranks_on_a_node_download_the_model_once_and_load_the_same_files(
     args = base_args(tiny_assets, fixed_batch, str(tmp_path / "out"), "--zero-stage", "0")
     args[args.index(str(tiny_assets.model_dir))] = uri
     evs, _ = run_train(2, [a if a != str(STEPS) else "1" for a in args], tmp_path / "cache")
-    fetched = [e for e in evs if e["event"] == "fetched"]
+    fetched = [e for e in evs if e["event"] == "model_fetched"]
     assert sorted(e["local_rank"] for e in fetched) == [0, 1]  # every rank reports, ...
     assert sorted(e["downloaded"] for e in fetched) == [False, True]  # ... one of them downloaded
     [path] = {e["path"] for e in fetched}  # and both use the same copy
