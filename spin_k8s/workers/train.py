@@ -153,9 +153,11 @@ def disable_dropout(config: Any) -> dict[str, float]:
 
 def load_policy(model_dir: Path, dtype: torch.dtype) -> tuple[Any, dict[str, float]]:
     """(the policy to train, the dropout probabilities turned off in it: ``disable_dropout``), loaded in ``dtype``,
-    the training precision: with bf16, DeepSpeed casts the module to bf16 anyway and keeps the fp32 master
-    weights in its optimizer, made from the bf16 ones, so an fp32 load only doubled each rank's host memory (a 7B
-    model: 29 GB instead of 14.5 GB per rank at ZeRO < 3), for the same numbers."""
+    the training precision. With bf16, DeepSpeed casts the module to bf16 anyway and keeps the fp32 master
+    weights in its optimizer, made from the bf16 ones: an fp32 load gave the same numbers at a cost. From a bf16
+    checkpoint (as 7B models are published) a bf16 load keeps the weights in the mapped file's pages, which the
+    node's ranks share (copied on write only); an fp32 load made each rank a private copy twice the file's size
+    (8 x 29 GB for a 7B model)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
