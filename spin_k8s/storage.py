@@ -35,6 +35,10 @@ class NotFoundError(FileNotFoundError):
     """The object does not exist."""
 
 
+class IntegrityError(OSError):
+    """A downloaded file is not the object it was copied from (size or checksum differ)."""
+
+
 @dataclass(frozen=True)
 class Location:
     """A parsed URI. ``scheme`` is ``"file"`` or ``"s3"``; for files ``bucket`` is empty and ``key`` is the
@@ -170,18 +174,37 @@ def exists(uri: str) -> bool:
     return Path(loc.key).is_file()
 
 
-def list_uris(prefix: str) -> list[str]:
-    """Every object under the directory-like ``prefix`` (recursively), as sorted URIs in its style."""
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object as its store lists it."""
+
+    uri: str
+    size: int  # bytes
+    md5: str | None  # hex MD5 of the content where the store states it (an S3 ETag of a single-part upload)
+
+
+def list_objects(prefix: str) -> list[ObjectInfo]:
+    """Every object under the directory-like ``prefix`` (recursively), sorted by URI, in its style."""
     loc = parse(prefix)
     if loc.scheme == "s3":
         key_prefix = f"{loc.key}/" if loc.key else ""
         pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=key_prefix)
-        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-        return sorted(join(prefix, k[len(key_prefix):]) for k in keys if not k.endswith("/"))
+        # A multipart upload's ETag is the MD5 of its parts' MD5s with a "-N" suffix: not the content's MD5,
+        # and not recomputable without the part size, so only a plain 32-digit ETag is one.
+        found = [ObjectInfo(join(prefix, obj["Key"][len(key_prefix):]), obj["Size"],
+                            etag if len(etag := obj.get("ETag", "").strip('"')) == 32 else None)
+                 for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+        return sorted(found, key=lambda o: o.uri)
     root = Path(loc.key)
     if not root.is_dir():
         return []
-    return sorted(join(prefix, str(p.relative_to(root))) for p in root.rglob("*") if p.is_file())
+    return sorted((ObjectInfo(join(prefix, str(p.relative_to(root))), p.stat().st_size, None)
+                   for p in root.rglob("*") if p.is_file()), key=lambda o: o.uri)
+
+
+def list_uris(prefix: str) -> list[str]:
+    """Every object under the directory-like ``prefix`` (recursively), as sorted URIs in its style."""
+    return [o.uri for o in list_objects(prefix)]
 
 
 def delete_prefix(prefix: str) -> int:
@@ -228,22 +251,41 @@ def upload_dir(local: str | Path, uri: str) -> list[str]:
     return written
 
 
-def download_dir(uri: str, local: str | Path) -> Path:
-    """Copies every object under the prefix ``uri`` into the local directory; NotFoundError if none."""
+def download_dir(uri: str, local: str | Path, *, verify: bool = False) -> Path:
+    """Copies every object under the prefix ``uri`` into the local directory; NotFoundError if none.
+
+    With ``verify`` each copy is checked against the listing (``check_copy``); IntegrityError names the first
+    file that differs. The caller decides what becomes of a directory that failed: nothing here deletes it.
+    """
     root = Path(local)
-    sources = list_uris(uri)
+    sources = list_objects(uri)
     if not sources:
         raise NotFoundError(f"nothing under {uri}")
     base = parse(uri).key.rstrip("/")
     for source in sources:
-        loc = parse(source)
+        loc = parse(source.uri)
         dest = root / loc.key[len(base):].lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
         if loc.scheme == "s3":
             _s3().download_file(loc.bucket, loc.key, str(dest))
         else:
             shutil.copyfile(loc.key, dest)
+        if verify:
+            check_copy(dest, source)
     return root
+
+
+def check_copy(path: str | Path, source: ObjectInfo) -> None:
+    """IntegrityError unless the local file has the listed object's size and, where the store states one, its
+    MD5: a download cut short, or a byte changed on the way or on disk."""
+    size = Path(path).stat().st_size
+    if size != source.size:
+        raise IntegrityError(f"{path}: {size} bytes, but {source.uri} has {source.size}")
+    if source.md5 is not None:
+        with open(path, "rb") as f:
+            md5 = hashlib.file_digest(f, "md5").hexdigest()
+        if md5 != source.md5:
+            raise IntegrityError(f"{path}: MD5 {md5}, but {source.uri} has {source.md5}")
 
 
 def sha256_bytes(data: bytes) -> str:

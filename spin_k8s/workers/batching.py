@@ -43,13 +43,11 @@ class Batch:
     input_ids: torch.Tensor  # (2B, T)
     attention_mask: torch.Tensor  # (2B, T), 1 on real tokens, 0 on padding
     response_mask: torch.Tensor  # (2B, T), 1 on response tokens only
-    keep: int  # logits needed: the last `keep` positions cover every response token's prediction
     ref_logps: torch.Tensor | None  # (2B,) when every pair carries reference log-probs
 
     def to(self, device: torch.device) -> Batch:
         ref = None if self.ref_logps is None else self.ref_logps.to(device)
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
-                     self.keep, ref)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), ref)
 
 
 def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
@@ -102,11 +100,8 @@ def collate(pairs: Sequence[Pair], pad_id: int) -> Batch:
         input_ids[row, :len(seq)] = torch.tensor(seq)
         attention_mask[row, :len(seq)] = 1
         response_mask[row, plen:len(seq)] = 1
-    # The first response token is predicted at position prompt_len - 1: logits before the shortest prompt's
-    # end are never scored, and the LM head need not compute them.
-    keep = width - min(prompt_lens) + 1
     refs = [p.ref_real for p in pairs] + [p.ref_generated for p in pairs]
     ref_logps = None
     if all(r is not None for r in refs):
         ref_logps = torch.tensor(refs, dtype=torch.float32)  # (2B,)
-    return Batch(input_ids, attention_mask, response_mask, min(keep, width), ref_logps)
+    return Batch(input_ids, attention_mask, response_mask, ref_logps)

@@ -1,5 +1,11 @@
 """The SPIN objective: summed response log-probs and the loss over them.
 
+Two ways to the log-probs, one result: ``sequence_logps`` from a model's logits (scoring and evaluation, where
+the logits are small or already there) and ``response_logps`` from the final hidden states and the LM head (the
+trainer), which projects only the response tokens' positions to the vocabulary and only ``chunk_tokens`` of
+them at a time, so the fp32 logits of a whole batch never exist at once: at a 128k vocabulary they would be
+~0.5 GB per 1000 tokens, many GB per micro-batch.
+
 Batch convention, used everywhere a pair batch is built: real and generated sequences go through the policy
 in ONE concatenated forward, the B real sequences first, then the B generated ones, so rows ``[:B]`` and
 ``[B:]`` of every (2B, ...) tensor are the two halves of the same B pairs.
@@ -7,8 +13,11 @@ in ONE concatenated forward, the B real sequences first, then the B generated on
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 LOSS_TYPES = ("sigmoid", "hinge")
 
@@ -28,6 +37,49 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask:
     picked = torch.gather(logits, 2, labels.unsqueeze(-1)).squeeze(-1)  # (B, K-1)
     token_logps = picked - torch.logsumexp(logits, dim=-1)  # (B, K-1)
     return (token_logps * mask).sum(dim=-1)  # (B,)
+
+
+def _token_logps(head: torch.nn.Linear, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) at each of n positions from their hidden states (n, H); (n,) float32. The chunk's logits are
+    upcast here, alone: the (n, V) fp32 tensor lives only inside this call."""
+    logits = F.linear(states, head.weight, head.bias).float()  # (n, V)
+    return logits.gather(1, labels.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)  # (n,)
+
+
+def response_logps(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: torch.Tensor,
+                   response_mask: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """``sequence_logps`` of the logits ``head(hidden)``, without computing them whole.
+
+    ``hidden`` (B, T, H) are the model's final hidden states, ``head`` its LM head, ``input_ids`` and
+    ``response_mask`` (B, T). Only the positions that predict a response token are projected (prompt and
+    padding positions never reach the head), ``chunk_tokens`` at a time. With gradients on, each chunk is
+    recomputed in backward instead of keeping its logits for it (activation checkpointing): autograd would
+    otherwise save every chunk's fp32 logits, the whole tensor again. Returns (B,) in float32.
+
+    The chunks are projected inside ONE call of ``head``, whatever their number: under ZeRO-3 each call of a
+    module gathers its weights from every rank, collectively, so a call per chunk would have ranks with
+    different token counts make different numbers of collectives, and hang. For that call the head's forward
+    is this function's chunk loop (its hooks, ZeRO-3's gathering and release, run around it as around any call).
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    rows, cols = response_mask[:, 1:].nonzero(as_tuple=True)  # (N,) each: position cols predicts token cols + 1
+    labels = input_ids[rows, cols + 1]  # (N,)
+    score = functools.partial(_token_logps, head)
+
+    def project(states: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N,)
+        recompute = torch.is_grad_enabled() and states.requires_grad
+        parts = [checkpoint(score, states[i:i + chunk_tokens], labels[i:i + chunk_tokens], use_reentrant=False)
+                 if recompute else score(states[i:i + chunk_tokens], labels[i:i + chunk_tokens])
+                 for i in range(0, len(labels), chunk_tokens)]
+        return torch.cat(parts) if parts else states.new_zeros(0, dtype=torch.float32)
+
+    head.forward = project  # type: ignore[method-assign,assignment]
+    try:
+        tokens = head(hidden[rows, cols])  # (N,)
+    finally:
+        del head.forward  # the class's forward again
+    return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, tokens)  # (B,)
 
 
 def spin_loss(

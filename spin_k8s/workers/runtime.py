@@ -13,12 +13,14 @@ kubelet reports as the container's termination message and the controller copies
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,31 +129,55 @@ def default_cache_dir() -> Path:
 
 
 def fetch_model(uri: str, cache_dir: Path) -> Path:
-    """A local directory holding the model at ``uri``: the directory itself for a local URI, else a copy
-    in ``cache_dir`` downloaded once per URI.
+    """A local directory holding the model at ``uri``: the directory itself for a local URI, else a verified copy
+    in ``cache_dir`` (the pod's scratch volume), downloaded once per node.
 
-    Several processes on a node may race here (one per rank): each downloads into its own temporary
-    directory and the first rename wins, so no one ever sees a half-written copy.
+    Every process on a node that needs the model (one per rank under torchrun) takes the same file lock; the
+    first downloads while the others wait on the lock, then find the copy there. A copy is downloaded into a
+    staging directory, checked file by file against the store's listing (size, and MD5 where the store states
+    it) and as a whole against the digest the training worker recorded with it (``checkpoint_sha256`` in its
+    ``metrics.json``), and only then renamed into place: the rename is the completion marker, so a download
+    that failed or was killed is never used. Its leftovers are deleted by the next process holding the lock (a
+    killed holder's lock is released with its process). Logs one ``model_fetched`` event per process: ``downloaded``
+    is true in the one process per node that downloaded.
     """
     loc = storage.parse(uri)
     if loc.scheme == "file":
         if not (Path(loc.key) / "config.json").is_file():
             raise FileNotFoundError(f"{uri}: not a model directory (no config.json)")
         return Path(loc.key)
-    target = cache_dir / "models" / hashlib.sha256(uri.encode()).hexdigest()[:24]
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
-    try:
-        storage.download_dir(uri, staging)
-        if not (staging / "config.json").is_file():
-            raise FileNotFoundError(f"{uri}: not a model directory (no config.json)")
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    began = time.monotonic()
+    name = hashlib.sha256(uri.encode()).hexdigest()[:24]
+    models = cache_dir / "models"
+    target = models / name
+    models.mkdir(parents=True, exist_ok=True)
+    with open(models / f".{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
+        downloaded = not target.is_dir()
+        if downloaded:
+            for stale in models.glob(f".download-{name}-*"):
+                shutil.rmtree(stale)
+            staging = Path(tempfile.mkdtemp(dir=models, prefix=f".download-{name}-"))
+            try:
+                storage.download_dir(uri, staging, verify=True)
+                check_model(uri, staging)
+                staging.rename(target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    log(event="model_fetched", uri=uri, path=str(target), downloaded=downloaded,
+        node=int(os.environ.get("GROUP_RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        seconds=round(time.monotonic() - began, 3))
     return target
+
+
+def check_model(uri: str, local: Path) -> None:
+    """A downloaded model is whole: it has a config, and its digest is the one its writer recorded, where one
+    did (a model the training worker wrote; a model put in storage by hand carries none and is checked file by
+    file only). FileNotFoundError (an input error) without a config; storage.IntegrityError on a mismatch."""
+    if not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{uri}: not a model directory (no config.json)")
+    metrics = local / METRICS_FILE
+    recorded = json.loads(metrics.read_text()).get("checkpoint_sha256") if metrics.is_file() else None
+    if recorded and (digest := model_digest(local)) != recorded:
+        raise storage.IntegrityError(f"{uri}: the downloaded model's sha256 is {digest}, but {METRICS_FILE} "
+                                     f"records {recorded}: the copy or the stored model is corrupt")

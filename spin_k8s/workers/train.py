@@ -55,6 +55,10 @@ from spin_k8s import storage
 from spin_k8s.workers import batching, data, runtime
 from spin_k8s.workers.loss import LOSS_TYPES
 
+# Positions projected to the vocabulary at a time (``loss.response_logps``): their fp32 logits are 128 MiB at a
+# 32k vocabulary, 512 MiB at 128k, where a whole micro-batch's would be many GiB.
+LOGITS_CHUNK_TOKENS = 1024
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
@@ -84,6 +88,7 @@ class TrainSettings:
     max_steps: int  # 0: epochs * (pairs // global batch); else the steps trained, and the schedule's if no epochs
     length_grouping: bool  # global batches of pairs of similar length (batching.GROUP_WINDOW); off: plain random
     micro_batch_size: int  # pairs per process per forward
+    logits_chunk_tokens: int  # response positions whose fp32 logits exist at once (LOGITS_CHUNK_TOKENS); 0: all
     gradient_accumulation_steps: int
     max_length: int  # prompt + response tokens
     max_prompt_length: int
@@ -144,6 +149,26 @@ def disable_dropout(config: Any) -> dict[str, float]:
                 was[name] = value
             setattr(config, name, 0.0)
     return was
+
+
+def load_policy(model_dir: Path, dtype: torch.dtype) -> tuple[Any, dict[str, float]]:
+    """(the policy to train, the dropout probabilities turned off in it: ``disable_dropout``), loaded in ``dtype``,
+    the training precision. With bf16, DeepSpeed casts the module to bf16 anyway and keeps the fp32 master
+    weights in its optimizer, made from the bf16 ones: an fp32 load gave the same numbers at a cost. From a bf16
+    checkpoint (as 7B models are published) a bf16 load keeps the weights in the mapped file's pages, which the
+    node's ranks share (copied on write only); an fp32 load made each rank a private copy twice the file's size
+    (8 x 29 GB for a 7B model)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    dropout = disable_dropout(config)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
+    for module in model.modules():  # dropout an architecture builds with a fixed probability, not from its config
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p = 0.0
+    model.config.use_cache = False
+    return model, dropout
 
 
 def deepspeed_config(s: TrainSettings, world_size: int, node_local_checkpoints: bool) -> dict[str, Any]:
@@ -229,17 +254,49 @@ def load_pairs(uris: Sequence[str], tokenizer: PreTrainedTokenizerBase, s: Train
     return pairs
 
 
-def batch_logps(model: Callable[..., Any], batch: batching.Batch) -> torch.Tensor:
-    """Summed response log-probs of the batch's 2B sequences in one forward; (2B,)."""
-    from spin_k8s.workers.loss import sequence_logps
+def last_position(model: Callable[..., Any], batch: batching.Batch) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """One forward of the model (a DeepSpeed engine or a Hugging Face model) whose own LM head computes the last
+    position only: (its logits (2B, 1, V), the decoder's final hidden states (2B, T, H), the LM head). The model
+    runs whole, as its forward hooks (ZeRO-3 gathers weights in them) expect; the hidden states are taken from
+    the decoder on the way."""
+    net: Any = getattr(model, "module", model)  # a DeepSpeed engine wraps the Hugging Face model
+    hidden: list[torch.Tensor] = []
+    hook = net.get_decoder().register_forward_hook(lambda _module, _args, out: hidden.append(out[0]))
+    try:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return out.logits, hidden[0], net.get_output_embeddings()
 
-    k = batch.keep
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=k, use_cache=False)
-    return sequence_logps(out.logits, batch.input_ids[:, -k:], batch.response_mask[:, -k:])  # (2B,)
+
+def batch_logps(model: Callable[..., Any], batch: batching.Batch,
+                chunk_tokens: int = LOGITS_CHUNK_TOKENS) -> torch.Tensor:
+    """Summed response log-probs of the batch's 2B sequences in one forward; (2B,). The response positions'
+    hidden states are projected by ``loss.response_logps``, ``chunk_tokens`` at a time; 0: from the model's own
+    logits, whole (for an architecture whose logits are not its LM head's output: ``head_gives_the_logits``)."""
+    from spin_k8s.workers.loss import response_logps, sequence_logps
+
+    if not chunk_tokens:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return sequence_logps(out.logits, batch.input_ids, batch.response_mask)  # (2B,)
+    _, hidden, head = last_position(model, batch)
+    return response_logps(hidden, head, batch.input_ids, batch.response_mask, chunk_tokens)  # (2B,)
+
+
+def head_gives_the_logits(model: Callable[..., Any], batch: batching.Batch) -> bool:
+    """Whether the model's logits are its LM head (a linear layer) applied to the decoder's final hidden states,
+    as the chunked log-probs assume: not for an architecture whose forward transforms them (Gemma 2's
+    soft-capping, Cohere's logit scale). Where nothing happens in between, the model's own last-position logits
+    and the head applied to the same hidden state are the same operation on the same tensor: bit for bit equal.
+    Call without gradients, on every rank (the head's call gathers its weights under ZeRO-3)."""
+    import torch
+
+    logits, hidden, head = last_position(model, batch)
+    return isinstance(head, torch.nn.Linear) and torch.equal(logits, head(hidden[:, -1:]))
 
 
 def score_pairs(model: Callable[..., Any], pairs: Sequence[batching.Pair], todo: Sequence[int], dist: Dist,
-                micro_batch_size: int, pad_id: int, device: torch.device) -> dict[int, tuple[float, float]]:
+                s: TrainSettings, pad_id: int, device: torch.device) -> dict[int, tuple[float, float]]:
     """(real, generated) summed log-probs of ``pairs[i]`` for i in ``todo``, computed without gradients
     with the work split over the ranks, and known to every rank afterwards."""
     import torch
@@ -250,11 +307,11 @@ def score_pairs(model: Callable[..., Any], pairs: Sequence[batching.Pair], todo:
     mine = ordered[dist.rank * per_rank:(dist.rank + 1) * per_rank]
     found: dict[int, tuple[float, float]] = {}
     # Every rank runs the same number of forwards: under ZeRO-3 each one gathers weights collectively.
-    for start in range(0, per_rank, micro_batch_size):
-        chunk = mine[start:start + micro_batch_size]
+    for start in range(0, per_rank, s.micro_batch_size):
+        chunk = mine[start:start + s.micro_batch_size]
         batch = batching.collate([pairs[i] for i in chunk or ordered[:1]], pad_id).to(device)
         with torch.no_grad():
-            logps = batch_logps(model, batch).tolist()
+            logps = batch_logps(model, batch, s.logits_chunk_tokens).tolist()
         found.update((i, (logps[k], logps[len(chunk) + k])) for k, i in enumerate(chunk))
     gathered: list[dict[int, tuple[float, float]]] = [{} for _ in range(dist.world_size)]
     torch.distributed.all_gather_object(gathered, found)
@@ -277,7 +334,7 @@ def check_reference(model: Callable[..., Any], pairs: Sequence[batching.Pair], s
     if not pool or not s.reference_check_pairs:
         return None
     sample = sorted(random.Random(s.seed).sample(pool, min(s.reference_check_pairs, len(pool))))
-    own = score_pairs(model, pairs, sample, dist, s.micro_batch_size, pad_id, device)
+    own = score_pairs(model, pairs, sample, dist, s, pad_id, device)
     shard = torch.tensor([(pairs[i].ref_real, pairs[i].ref_generated) for i in sample], dtype=torch.float64)  # (N, 2)
     mine = torch.tensor([own[i] for i in sample], dtype=torch.float64)  # (N, 2)
     sequence = (shard - mine).abs()  # (N, 2)
@@ -301,7 +358,7 @@ def evaluate(engine: Any, pairs: list[batching.Pair], s: TrainSettings, dist: Di
     from spin_k8s.workers.loss import spin_loss
 
     engine.eval()
-    scores = score_pairs(engine, pairs, range(len(pairs)), dist, s.micro_batch_size, pad_id, engine.device)
+    scores = score_pairs(engine, pairs, range(len(pairs)), dist, s, pad_id, engine.device)
     engine.train()
     policy = torch.tensor([scores[i] for i in range(len(pairs))])  # (N, 2)
     ref = torch.tensor([(p.ref_real, p.ref_generated) for p in pairs])  # (N, 2)
@@ -449,7 +506,7 @@ def train(s: TrainSettings) -> int:
 
     import deepspeed
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     from spin_k8s.workers.loss import spin_loss
@@ -485,13 +542,8 @@ def train(s: TrainSettings) -> int:
         ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute_dtype).requires_grad_(False)
     # Kept alive while the policy loads: under ZeRO-3 it makes from_pretrained partition weights as it loads.
     zero3_loading = HfDeepSpeedConfig(ds_config) if s.zero_stage == 3 else None  # type: ignore[no-untyped-call]
-    config = AutoConfig.from_pretrained(model_dir)
-    dropout = disable_dropout(config)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
-    for module in model.modules():  # dropout an architecture builds with a fixed probability, not from its config
-        if isinstance(module, torch.nn.Dropout) and module.p:
-            module.p = 0.0
-    model.config.use_cache = False
+    model, dropout = load_policy(model_dir, compute_dtype)
+    loaded_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer_class = torch.optim.RMSprop if s.optimizer == "rmsprop" else torch.optim.AdamW
@@ -502,6 +554,13 @@ def train(s: TrainSettings) -> int:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: linear_schedule(k, schedule, warmup)))
     if ref_model is not None:
         ref_model.to(engine.device)
+    with torch.no_grad():
+        plain_head = head_gives_the_logits(engine, batching.collate(pairs[:1], pad_id).to(engine.device))
+    if s.logits_chunk_tokens and not plain_head:
+        s = replace(s, logits_chunk_tokens=0)
+        if dist.rank == 0:
+            runtime.log(event="logits_whole", reason="the model's logits are not its LM head's output (a soft-cap "
+                        "or a scale in its forward): log-probs are computed from its whole logits")
 
     # Reference log-probs: the shards' are checked on a sample and dropped if they disagree with the trainer's
     # own forward; the missing ones come from one pass of the policy, which has not moved yet: the reference.
@@ -522,8 +581,8 @@ def train(s: TrainSettings) -> int:
     ref_counts = {"precomputed": sum(p.ref_real is not None for p in everything[:len(pairs)]),
                   "live": len(pairs) if s.reference == "live" else 0, "first_pass": sum(i < len(pairs) for i in todo)}
     if todo:
-        everything = with_reference(everything, score_pairs(engine, everything, todo, dist, s.micro_batch_size,
-                                                            pad_id, engine.device))
+        everything = with_reference(everything, score_pairs(engine, everything, todo, dist, s, pad_id,
+                                                            engine.device))
     engine.train()
     pairs, eval_pairs = everything[:len(pairs)], everything[len(pairs):]
 
@@ -532,7 +591,7 @@ def train(s: TrainSettings) -> int:
         # Under ZeRO-3 a parameter's data is only this rank's partition; ds_numel is the whole size.
         params = list(engine.module.parameters())
         runtime.log(event="start", pairs=len(pairs), eval_pairs=len(eval_pairs), steps=steps, schedule_steps=schedule,
-                    warmup_steps=warmup, first_step=start + 1, dropout_disabled=dropout,
+                    warmup_steps=warmup, first_step=start + 1, dropout_disabled=dropout, loaded_dtype=loaded_dtype,
                     global_batch=global_batch, world_size=dist.world_size, zero_stage=s.zero_stage,
                     parameters=sum(getattr(p, "ds_numel", p.numel()) for p in params),
                     parameters_on_rank=sum(getattr(p, "ds_tensor", p).numel() for p in params))
@@ -548,10 +607,10 @@ def train(s: TrainSettings) -> int:
         for chunk in batching.micro_batches(indices, lengths, s.micro_batch_size, dist.world_size, dist.rank):
             batch = batching.collate([pairs[i] for i in chunk], pad_id).to(engine.device)
             b = len(chunk)
-            logps = batch_logps(engine, batch)  # (2B,) real rows first
+            logps = batch_logps(engine, batch, s.logits_chunk_tokens)  # (2B,) real rows first
             if ref_model is not None:
                 with torch.no_grad():
-                    ref = batch_logps(ref_model, batch)  # (2B,)
+                    ref = batch_logps(ref_model, batch, s.logits_chunk_tokens)  # (2B,)
             else:
                 assert batch.ref_logps is not None
                 ref = batch.ref_logps
@@ -644,6 +703,10 @@ def parser() -> argparse.ArgumentParser:
       f"{batching.GROUP_WINDOW} global batches is formed from pairs of similar length, then the batches are "
       "shuffled; off: plain random batches, as the authors (default on; example: --no-length-grouping)")
     a("--micro-batch-size", type=int, default=8, help="pairs per process per forward (default 8; example: 4)")
+    a("--logits-chunk-tokens", type=int, default=LOGITS_CHUNK_TOKENS, help="response tokens projected to the "
+      "vocabulary at a time: their fp32 logits (tokens x vocabulary x 4 bytes) are the most that exist at once; "
+      "0 = the model's whole logits, as does a model whose logits are not its LM head's output "
+      f"(default {LOGITS_CHUNK_TOKENS}; example: 256 for a 256k vocabulary)")
     a("--gradient-accumulation-steps", type=int, default=1,
       help="micro-batches per optimizer step (default 1; example: 4)")
     a("--max-length", type=int, default=1024, help="prompt + response tokens (default 1024; example: 2048)")
@@ -672,7 +735,7 @@ def parser() -> argparse.ArgumentParser:
 def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
     args = parser().parse_args(argv)
     numbers = (args.micro_batch_size, args.gradient_accumulation_steps, args.epochs or args.max_steps)
-    counts = (args.max_steps, args.checkpoint_every, args.keep_previous, args.schedule_epochs)
+    counts = (args.max_steps, args.checkpoint_every, args.keep_previous, args.schedule_epochs, args.logits_chunk_tokens)
     if min(numbers) < 1 or min(counts) < 0:
         raise runtime.UsageError("batch sizes, accumulation and epochs/steps must be >= 1; counts >= 0")
     if args.schedule_epochs and not args.max_steps and args.schedule_epochs < args.epochs:
@@ -703,7 +766,8 @@ def settings_from_args(argv: Sequence[str] | None) -> TrainSettings:
         precision=args.precision, optimizer=args.optimizer, learning_rate=args.learning_rate, beta=args.beta,
         loss_type=args.loss_type, warmup_ratio=args.warmup_ratio, epochs=args.epochs,
         schedule_epochs=args.schedule_epochs, max_steps=args.max_steps, length_grouping=args.length_grouping,
-        micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        micro_batch_size=args.micro_batch_size, logits_chunk_tokens=args.logits_chunk_tokens,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_length=args.max_length, max_prompt_length=args.max_prompt_length,
         max_response_length=runtime.response_cap_from_args(args), prompt_format=template.format,
         system_prompt=template.system_prompt, max_grad_norm=args.max_grad_norm,

@@ -60,7 +60,7 @@ def test_collate_puts_real_rows_first_and_masks_prompt_and_padding() -> None:
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]]
     assert batch.response_mask.tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1], [0, 0, 1, 0, 0, 0],
                                             [0, 0, 0, 1, 0, 0]]
-    assert batch.keep == 6 - 2 + 1 and int(batch.attention_mask.sum()) == 17
+    assert int(batch.attention_mask.sum()) == 17
     assert batch.ref_logps is not None and batch.ref_logps.tolist() == [-1.0, -3.0, -2.0, -4.0]
     no_refs = batching.collate([batching.Pair(real=[1, 2], generated=[1, 3], prompt_len=1)], pad_id=0)
     assert no_refs.ref_logps is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +91,51 @@ def test_upload_and_download_dir_round_trip(root: str, tmp_path: Path) -> None:
     assert storage.digest_dir(dest) == storage.digest_dir(src)
     with pytest.raises(storage.NotFoundError):
         storage.download_dir(storage.join(root, "nothing"), tmp_path / "empty")
+
+
+def test_a_verified_download_checks_each_copy_against_the_listing(root: str, tmp_path: Path) -> None:
+    """Sizes always; MD5s where the store states them: S3 for single-part uploads, never the file system."""
+    body = bytes(range(256)) * 40
+    storage.write_bytes(storage.join(root, "m", "weights.bin"), body)
+    storage.write_bytes(storage.join(root, "m", "sub", "config.json"), b'{"a": 1}')
+    listed = storage.list_objects(storage.join(root, "m"))
+    assert [o.uri for o in listed] == storage.list_uris(storage.join(root, "m"))
+    assert [o.size for o in listed] == [8, len(body)]
+    s3 = storage.is_s3(root)
+    assert [o.md5 for o in listed] == ([hashlib.md5(b'{"a": 1}').hexdigest(), hashlib.md5(body).hexdigest()]
+                                       if s3 else [None, None])
+    dest = storage.download_dir(storage.join(root, "m"), tmp_path / "dest", verify=True)
+    weights = listed[1]
+    storage.check_copy(dest / "weights.bin", weights)  # the copy is the object
+
+    (dest / "weights.bin").write_bytes(body[:-1])  # cut short
+    with pytest.raises(storage.IntegrityError, match=f"{len(body) - 1} bytes, but .* has {len(body)}"):
+        storage.check_copy(dest / "weights.bin", weights)
+    (dest / "weights.bin").write_bytes(body[:-1] + b"!")  # one byte changed, same size
+    if s3:
+        with pytest.raises(storage.IntegrityError, match="MD5"):
+            storage.check_copy(dest / "weights.bin", weights)
+    else:  # a local source states no checksum: the size is all a copy can be checked against here
+        storage.check_copy(dest / "weights.bin", weights)
+
+
+@pytest.mark.s3
+def test_a_multipart_upload_states_no_md5(s3_server: Any, bucket: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its ETag is the MD5 of the parts' MD5s: listed without one, so a verified download checks its size only."""
+    from boto3.s3.transfer import TransferConfig
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (6 << 20))
+    client = s3_server.client()
+    five = 5 << 20  # S3's smallest part
+    client.upload_file(str(big), bucket, "m/big.bin", Config=TransferConfig(multipart_threshold=five,
+                                                                          multipart_chunksize=five))
+    assert "-" in client.head_object(Bucket=bucket, Key="m/big.bin")["ETag"]
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    [info] = storage.list_objects(f"s3://{bucket}/m")
+    assert (info.size, info.md5) == (6 << 20, None)
 
 
 def test_delete_prefix_deletes_the_tree_and_nothing_beside_it(root: str) -> None:

@@ -6,8 +6,8 @@ log-probs off by an offset, which its reference check must catch), ZeRO-2 in bf1
 killed after its first checkpoint and resumed from S3 keeping one checkpoint, and ZeRO-3 resumed from the two
 checkpoints the ZeRO-3 run kept on a shared path (both bit for bit the uninterrupted ZeRO-3 run's final weights),
 two single-process runs comparing precomputed reference log-probs (which pass the check) with a live reference
-model, and one with the authors' trainer settings (a checkpoint with dropout, a schedule longer than training,
-random batches).
+model, one with the authors' trainer settings (a checkpoint with dropout, a schedule longer than training,
+random batches), and two ranks starting from a model in S3 that one of them downloads for both.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ STEPS = 6
 OFFSET = 1.0  # nats added to the real answers' reference log-probs of the ZeRO-3 run's shard
 # ZeRO-0, fp32, 2 ranks. Samples cut at --max-tokens carry no end-of-turn token (issue 13); with one appended, as
 # before, the curve was [0.6931472, 0.3350266, 0.0860748, 0.0274036, 0.0208472, 0.0184593].
+# The ZeRO-3 runs project log-probs 5 positions at a time (the others all at once, in one chunk): the runs compared
+# with them bit for bit must do the same, as another chunking sums in another order.
+CHUNKS = ("--logits-chunk-tokens", "5")
 GOLDEN_LOSSES = [0.6931472, 0.2979495, 0.0586447, 0.0239972, 0.0190087, 0.0169523]
 
 
@@ -59,14 +63,14 @@ def fixed_batch(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def zero3_run(tiny_assets: tiny.TinyAssets, synthetic: Path, fixed_batch: Path,
               tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
     """ZeRO-3, fp32, checkpointing every step to a shared path (the default two kept), held-out evaluation on
-    the same pairs. It trains on the fixed batch's pairs as a shard that carries reference log-probs, the real
-    answers' off by OFFSET: once its check has caught that, the run is the fixed batch's run, scored by the
-    trainer alone."""
+    the same pairs, log-probs projected 5 positions at a time (CHUNKS). It trains on the fixed batch's pairs as a
+    shard that carries reference log-probs, the real answers' off by OFFSET: once its check has caught that, the
+    run is the fixed batch's run, scored by the trainer alone."""
     tmp = tmp_path_factory.mktemp("zero3")
     offset = subset(synthetic, 4, tmp / "offset", scored=True, real_offset=OFFSET)
     evs, _ = run_train(2, base_args(tiny_assets, offset, str(tmp / "out"), "--zero-stage", "3",
                                     "--checkpoint-dir", str(tmp / "ckpt"), "--checkpoint-every", "1",
-                                    "--eval-data", str(fixed_batch)), tmp / "cache")
+                                    "--eval-data", str(fixed_batch), *CHUNKS), tmp / "cache")
     return evs, tmp / "out"
 
 
@@ -84,6 +88,8 @@ def test_zero3_learns_the_fixed_batch_and_writes_a_checkpoint(zero3_run: tuple[l
     assert_learns(steps_of(evs))
     start = next(e for e in evs if e["event"] == "start")
     assert start["world_size"] == 2 and start["zero_stage"] == 3 and start["global_batch"] == 4
+    assert start["loaded_dtype"] == "float32"
+    assert "logits_whole" not in {e["event"] for e in evs}  # a Llama's logits are its head's output: chunked
     assert start["parameters_on_rank"] < 0.7 * start["parameters"]  # the weights really are partitioned
     saved = [e for e in evs if e["event"] == "checkpoint"]
     assert [e["step"] for e in saved] == [1, 2, 3, 4, 5]  # none after the last step: the model is the output
@@ -124,9 +130,61 @@ def test_zero3_catches_an_offset_reference_and_scores_every_pair_itself(
 
 def test_zero2_bf16_adamw_learns_the_fixed_batch(tiny_assets: tiny.TinyAssets, fixed_batch: Path,
                                                  tmp_path: Path) -> None:
+    """The policy is loaded in bf16, not in fp32 and cast by DeepSpeed: half the host memory, the same numbers
+    (DeepSpeed's fp32 master weights are made from the bf16 ones either way)."""
     evs, _ = run_train(2, base_args(tiny_assets, fixed_batch, str(tmp_path / "out"), "--zero-stage", "2",
                                     "--precision", "bf16", "--optimizer", "adamw"), tmp_path / "cache")
+    assert next(e for e in evs if e["event"] == "start")["loaded_dtype"] == "bfloat16"
     assert_learns(steps_of(evs))
+
+
+def test_zero3_ranks_with_different_token_counts_stay_in_step(tiny_assets: tiny.TinyAssets, synthetic: Path,
+                                                               tmp_path: Path) -> None:
+    """Under ZeRO-3 each call of the LM head gathers its weight from every rank: the log-probs of a micro-batch,
+    in however many chunks of 3 positions, take one call on each rank, else ranks whose micro-batches hold
+    different numbers of response tokens would make different numbers of collectives and fail (as they did)."""
+    args = base_args(tiny_assets, synthetic, str(tmp_path / "out"), "--zero-stage", "3", "--logits-chunk-tokens", "3")
+    evs, _ = run_train(2, [a if a != str(STEPS) else "2" for a in args], tmp_path / "cache")
+    steps = steps_of(evs)
+    assert [s["step"] for s in steps] == [1, 2] and steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+# Anonymous (private) memory a loaded policy holds: resident memory after loading it minus after deleting it, in
+# a fresh process, glibc kept from hiding freed memory in its heaps and arenas.
+HELD = """
+import gc, sys, torch
+from pathlib import Path
+from spin_k8s.workers import train
+def anon():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) * 1024
+model, _ = train.load_policy(Path(sys.argv[1]), getattr(torch, sys.argv[2]))
+loaded, dtypes = anon(), {str(p.dtype) for p in model.parameters()}
+del model
+gc.collect()
+print(loaded - anon(), *dtypes)
+"""
+
+
+def test_a_bf16_checkpoint_loads_for_bf16_training_without_a_private_copy(tmp_path: Path) -> None:
+    """Published 7B checkpoints are bf16. Loaded in bf16 the weights stay in the page cache the node's ranks share
+    (the safetensors file mapped); loaded in fp32, as before, each rank held a private copy twice the file's size
+    (8 ranks x 29 GB for a 7B model), which DeepSpeed then cast back to bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16384, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())  # 27 M: 54 MB in bf16
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    held = {}
+    for dtype in ("bfloat16", "float32"):
+        out = subprocess.run([sys.executable, "-c", HELD, str(tmp_path / "model"), dtype], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        assert out[1:] == [f"torch.{dtype}"]
+        held[dtype] = int(out[0])
+    assert held["float32"] > 0.9 * 4 * params
+    assert held["bfloat16"] < 0.1 * 2 * params
 
 
 def test_zero0_and_zero3_give_the_same_losses(tiny_assets: tiny.TinyAssets, fixed_batch: Path, tmp_path: Path,
@@ -150,7 +208,7 @@ def test_a_new_run_resumes_from_a_shared_path_checkpoint_and_a_finished_one_is_s
         zero3_run: tuple[list[dict[str, Any]], Path]) -> None:
     shutil.copytree(zero3_run[1].parent / "ckpt", tmp_path / "ckpt")  # what it kept: steps 4 and 5 of 6
     args = base_args(tiny_assets, fixed_batch, str(tmp_path / "out"), "--zero-stage", "3", "--checkpoint-dir",
-                     str(tmp_path / "ckpt"), "--checkpoint-every", "2")
+                     str(tmp_path / "ckpt"), "--checkpoint-every", "2", *CHUNKS)
     evs, _ = run_train(2, args, tmp_path / "cache")
     assert [e["step"] for e in evs if e["event"] == "resume"] == [5]
     assert [s["step"] for s in steps_of(evs)] == [6]
@@ -173,7 +231,7 @@ def test_killed_after_a_checkpoint_resumes_to_the_same_weights(
     out = f"s3://{bucket}/iter-1/model"
     args = base_args(tiny_assets, fixed_batch, out, "--zero-stage", "3", "--checkpoint-dir",
                      f"s3://{bucket}/iter-0/ckpt", "--checkpoint-every", "2", "--checkpoints-to-keep", "1",
-                     "--eval-data", str(fixed_batch))
+                     "--eval-data", str(fixed_batch), *CHUNKS)
     first = subprocess.Popen(train_command(2, args), env=worker_env(tmp_path / "cache-1"), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     seen = []
@@ -210,6 +268,32 @@ def test_killed_after_a_checkpoint_resumes_to_the_same_weights(
     resumed, reference = load_file(local / "model.safetensors"), load_file(zero3_run[1] / "model.safetensors")
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)  # bit for bit
+
+
+@pytest.mark.s3
+def test_two_ranks_on_a_node_download_the_model_once_and_load_the_same_files(
+        tiny_assets: tiny.TinyAssets, fixed_batch: Path, tmp_path: Path, s3_server: Any, bucket: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The starting model in S3, as the previous iteration's training left it (its digest in metrics.json): of
+    the node's two ranks, one downloads it into the node's cache while the other waits on the lock, then both
+    load the one verified copy."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    uri = f"s3://{bucket}/iter-1/model"
+    storage.upload_dir(tiny_assets.model_dir, uri)
+    digest = runtime.model_digest(tiny_assets.model_dir)
+    storage.write_bytes(storage.join(uri, runtime.METRICS_FILE), json.dumps({"checkpoint_sha256": digest}).encode())
+    args = base_args(tiny_assets, fixed_batch, str(tmp_path / "out"), "--zero-stage", "0")
+    args[args.index(str(tiny_assets.model_dir))] = uri
+    evs, _ = run_train(2, [a if a != str(STEPS) else "1" for a in args], tmp_path / "cache")
+    fetched = [e for e in evs if e["event"] == "model_fetched"]
+    assert sorted(e["local_rank"] for e in fetched) == [0, 1]  # every rank reports, ...
+    assert sorted(e["downloaded"] for e in fetched) == [False, True]  # ... one of them downloaded
+    [path] = {e["path"] for e in fetched}  # and both use the same copy
+    models = tmp_path / "cache" / "models"
+    assert [p for p in models.iterdir() if not p.name.startswith(".")] == [Path(str(path))]
+    assert runtime.model_digest(Path(str(path))) == digest
+    assert steps_of(evs)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
 def test_precomputed_reference_gives_the_losses_of_a_live_reference(
