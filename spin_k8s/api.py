@@ -32,6 +32,13 @@ MAX_NAME_LENGTH = 40
 # Run names become Service names and pod hostnames (`{job}-0.{service}`): a DNS-1035 label, as the CRD says.
 _DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 RESUME_ANNOTATION = f"{GROUP}/resume"  # an integer bumped by `spinctl resume`: each grants a new restart budget
+ROLES = ("generate", "train")  # the keys of the per-role spec fields (resources, shmSize, env, volumes, ...)
+# What the Job bodies (spin_k8s/manifests.py) use themselves, so a spec's env and volumes may not: the same lists
+# and path rule as the CRD's CEL rules (tests/unit/test_crd_schema.py compares them).
+RESERVED_ENV = ("AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "DS_ACCELERATOR", "OMP_NUM_THREADS", "JOB_COMPLETION_INDEX")
+RESERVED_VOLUMES = ("shm", "scratch")
+RESERVED_MOUNT = r"^/+((dev(/+shm)?|tmp)/*)?$"  # /dev/shm, /tmp, or a directory above them
 
 
 @dataclass(frozen=True)
@@ -172,9 +179,17 @@ class Spec:
     image_generate: str
     image_train: str
     pull_policy: str
-    resources: dict[str, dict[str, Any]]
+    resources: dict[str, dict[str, Any]]  # role -> container resources, default requests resolved (no GPUs yet)
     shm_size: dict[str, str]  # role -> quantity, defaults resolved
     scratch_size: dict[str, str]  # role -> quantity, defaults resolved
+    scratch_volume: dict[str, dict[str, Any]]  # role -> {} (emptyDir) or the CRD's one source
+    env: dict[str, tuple[dict[str, Any], ...]]  # role -> the user's EnvVars
+    volumes: dict[str, tuple[dict[str, Any], ...]]  # role -> the user's Volumes
+    volume_mounts: dict[str, tuple[dict[str, Any], ...]]  # role -> the user's VolumeMounts
+    active_deadline: dict[str, int]  # role -> seconds; a role without one has no limit
+    image_pull_secrets: tuple[str, ...]
+    priority_class: str | None
+    affinity: dict[str, Any]
     node_selector: dict[str, str]
     pod_labels: dict[str, str]
     pod_annotations: dict[str, str]
@@ -207,6 +222,30 @@ class SpinRun:
     deleting: bool = False
 
 
+# Requests of a worker pod whose spec.resources names no cpu or memory (the CRD's spec.resources says why): per GPU,
+# (cpu, memory in Gi); on CPU, one small pod.
+_REQUESTS_PER_GPU = {"generate": (4, 32), "train": (4, 24)}
+_CPU_POD_REQUESTS = {"cpu": "500m", "memory": "2Gi"}
+
+
+def _resources(raw: dict[str, Any] | None, role: str, gpus: int) -> dict[str, Any]:
+    """A role's container resources: the spec's, with a default request for cpu and memory where neither its
+    requests nor its limits name them (a default request above a user's limit would make the pod invalid)."""
+    resources: dict[str, Any] = {k: dict(v) for k, v in (raw or {}).items()}
+    named = set(resources.get("requests") or {}) | set(resources.get("limits") or {})
+    cpu, gib = _REQUESTS_PER_GPU[role]
+    defaults = {"cpu": str(cpu * gpus), "memory": f"{gib * gpus}Gi"} if gpus else _CPU_POD_REQUESTS
+    missing = {k: v for k, v in defaults.items() if k not in named}
+    if missing:
+        resources["requests"] = {**missing, **(resources.get("requests") or {})}
+    return resources
+
+
+def _per_role(raw: dict[str, Any], name: str) -> dict[str, tuple[dict[str, Any], ...]]:
+    by_role = raw.get(name) or {}
+    return {role: tuple(dict(item) for item in by_role.get(role) or ()) for role in ROLES}
+
+
 def _spec(raw: dict[str, Any], defaults: Images) -> Spec:
     g, t, d = raw["generation"], raw["training"], raw["data"]
     storage = raw["storage"]
@@ -229,10 +268,16 @@ def _spec(raw: dict[str, Any], defaults: Images) -> Spec:
                    for o in raw.get("iterationOverrides") or []},
         image_generate=images.get("generate") or defaults.generate,
         image_train=images.get("train") or defaults.train, pull_policy=images["pullPolicy"],
-        resources=dict(raw.get("resources") or {}),
+        resources={"generate": _resources((raw.get("resources") or {}).get("generate"), "generate", g["gpusPerShard"]),
+                   "train": _resources((raw.get("resources") or {}).get("train"), "train", t["gpusPerNode"])},
         shm_size={"generate": "8Gi" if g["gpusPerShard"] else "1Gi", "train": "16Gi" if t["gpusPerNode"] else "1Gi",
                   **(raw.get("shmSize") or {})},
         scratch_size={"generate": "100Gi", "train": "500Gi", **(raw.get("scratchSize") or {})},
+        scratch_volume={role: dict((raw.get("scratchVolume") or {}).get(role) or {}) for role in ROLES},
+        env=_per_role(raw, "env"), volumes=_per_role(raw, "volumes"), volume_mounts=_per_role(raw, "volumeMounts"),
+        active_deadline=dict(raw.get("activeDeadlineSeconds") or {}),
+        image_pull_secrets=tuple(s["name"] for s in raw.get("imagePullSecrets") or ()),
+        priority_class=raw.get("priorityClassName"), affinity=dict(raw.get("affinity") or {}),
         node_selector=dict(raw.get("nodeSelector") or {}),
         pod_labels=dict(raw.get("podLabels") or {}), pod_annotations=dict(raw.get("podAnnotations") or {}),
         tolerations=tuple(raw.get("tolerations") or ()), service_account=raw.get("serviceAccountName"),
@@ -273,6 +318,39 @@ def semantic_errors(obj: dict[str, Any]) -> list[str]:
     if (spec.get("generation") or {}).get("promptFormat") == "paperInstruction" and \
             "systemPrompt" in (spec.get("data") or {}):
         errors.append("spec.data.systemPrompt: the paperInstruction prompt has no system turn")
+    return errors + _pod_errors(spec)
+
+
+def _duplicates(path: str, items: list[dict[str, Any]]) -> list[str]:
+    """The API server's check of a list keyed by name (x-kubernetes-list-type: map)."""
+    names = [item.get("name") for item in items]
+    return [f"{path}[{i}]: Duplicate value: {{\"name\": {name!r}}}" for i, name in enumerate(names)
+            if name in names[:i]]
+
+
+def _pod_errors(spec: dict[str, Any]) -> list[str]:
+    """The CRD's rules on the pod infrastructure a spec adds to the Job bodies: nothing it adds may replace or
+    hide what the bodies use themselves."""
+    errors = _duplicates("spec.imagePullSecrets", spec.get("imagePullSecrets") or [])
+    for role in ROLES:
+        scratch = (spec.get("scratchVolume") or {}).get(role) or {}
+        if "ephemeral" in scratch and "persistentVolumeClaim" in scratch:
+            errors.append(f"spec.scratchVolume.{role}: set at most one of ephemeral and persistentVolumeClaim")
+        env = (spec.get("env") or {}).get(role) or []
+        errors += _duplicates(f"spec.env.{role}", env)
+        errors += [f"spec.env.{role}[{i}].name: the Job sets {e.get('name')} itself" for i, e in enumerate(env)
+                   if e.get("name") in RESERVED_ENV]
+        volumes = (spec.get("volumes") or {}).get(role) or []
+        errors += _duplicates(f"spec.volumes.{role}", volumes)
+        errors += [f"spec.volumes.{role}[{i}].name: {v.get('name')} is one of the Job's own volumes" for i, v in
+                   enumerate(volumes) if v.get("name") in RESERVED_VOLUMES]
+        names = {v.get("name") for v in volumes}
+        for i, mount in enumerate((spec.get("volumeMounts") or {}).get(role) or []):
+            if re.fullmatch(RESERVED_MOUNT, str(mount.get("mountPath", ""))):
+                errors.append(f"spec.volumeMounts.{role}[{i}].mountPath: {mount['mountPath']} would hide the Job's "
+                              "own /dev/shm or /tmp")
+            if mount.get("name") not in names:
+                errors.append(f"spec.volumeMounts.{role}: {mount.get('name')} is no volume of spec.volumes.{role}")
     return errors
 
 

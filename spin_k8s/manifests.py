@@ -12,7 +12,9 @@ has no such rule: torchrun exits 1 whatever code its ranks exited with, so the c
 Containers report why they failed: the worker's termination-log line, else the end of its log
 (``FallbackToLogsOnError``); the controller copies it into the SpinRun's status.
 Worker pods meet the restricted Pod Security Standard, get a memory-backed /dev/shm (``spec.shmSize``) and a
-scratch emptyDir at /tmp (``spec.scratchSize``) for everything they stage.
+scratch volume at /tmp for everything they stage (``spec.scratchSize``, ``spec.scratchVolume``), and carry the
+pod infrastructure the spec adds (env, volumes, pull secrets, priority, affinity, deadlines) after their own,
+which the CRD keeps it from replacing.
 """
 
 from __future__ import annotations
@@ -46,31 +48,58 @@ def _metadata(run: api.SpinRun, name: str, iteration: int, role: str, attempt: i
     return {"name": name, "namespace": run.namespace, "labels": labels, "ownerReferences": [_owner(run)]}
 
 
-def _env(run: api.SpinRun, cpu: bool) -> list[dict[str, Any]]:
-    """Where the workers find S3. Credentials come from the user's Secret (envFrom), never from here."""
+def _env(run: api.SpinRun, role: str, cpu: bool) -> list[dict[str, Any]]:
+    """Where the workers find S3, then the spec's variables (never one of ours: api.RESERVED_ENV). Credentials
+    come from the user's Secret (envFrom), never from here."""
     storage = run.spec.storage
     env = [{"name": "AWS_DEFAULT_REGION", "value": storage.region}]
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL_S3", "value": storage.endpoint})
     if cpu:
         env += [{"name": "DS_ACCELERATOR", "value": "cpu"}, {"name": "OMP_NUM_THREADS", "value": "1"}]
-    return env
+    return env + [dict(e) for e in run.spec.env[role]]
 
 
 def _container(run: api.SpinRun, name: str, image: str, command: list[str], gpus: int) -> dict[str, Any]:
-    resources: dict[str, Any] = {k: dict(v) for k, v in run.spec.resources.get(name, {}).items()}
+    resources: dict[str, Any] = {k: dict(v) for k, v in run.spec.resources[name].items()}
     if gpus:
         resources.setdefault("limits", {})["nvidia.com/gpu"] = str(gpus)
     container: dict[str, Any] = {
         "name": name, "image": image, "imagePullPolicy": run.spec.pull_policy,
-        "command": command[:1], "args": command[1:], "env": _env(run, cpu=gpus == 0), "resources": resources,
+        "command": command[:1], "args": command[1:], "env": _env(run, name, cpu=gpus == 0), "resources": resources,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, _scratch_mount(run, name),
+                         *(dict(m) for m in run.spec.volume_mounts[name])],
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     if run.spec.storage.credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": run.spec.storage.credentials_secret}}]
     return container
+
+
+def _scratch_mount(run: api.SpinRun, role: str) -> dict[str, Any]:
+    mount = {"name": "scratch", "mountPath": "/tmp"}
+    if "persistentVolumeClaim" in run.spec.scratch_volume[role]:
+        # A claim outlives the pods and may be shared by all of them: each completion index gets a directory of
+        # its own (two nodes of a gang never stage into the same one), which its retries and restarts find again.
+        mount["subPathExpr"] = "$(JOB_COMPLETION_INDEX)"
+    return mount
+
+
+def _scratch_volume(run: api.SpinRun, role: str) -> dict[str, Any]:
+    """The workers stage the model, data and checkpoints under /tmp (tempfile): on a volume of its own, never in
+    the container's layer. By default an emptyDir bounded so a runaway pod is evicted, not the node's disk filled;
+    else a claim made per pod from a StorageClass (sized as the emptyDir would be) or an existing one."""
+    source = run.spec.scratch_volume[role]
+    size = run.spec.scratch_size[role]
+    if "ephemeral" in source:
+        claim: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}
+        if source["ephemeral"].get("storageClassName"):
+            claim["storageClassName"] = source["ephemeral"]["storageClassName"]
+        return {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": claim}}}
+    if "persistentVolumeClaim" in source:
+        return {"name": "scratch", "persistentVolumeClaim": {"claimName": source["persistentVolumeClaim"]["claimName"]}}
+    return {"name": "scratch", "emptyDir": {"sizeLimit": size}}
 
 
 def _template_metadata(run: api.SpinRun, labels: dict[str, str]) -> dict[str, Any]:
@@ -92,9 +121,7 @@ def _pod_spec(run: api.SpinRun, container: dict[str, Any]) -> dict[str, Any]:
         "volumes": [
             # A container's /dev/shm is 64 MiB: NCCL and vLLM's tensor-parallel workers die of SIGBUS in it.
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": run.spec.shm_size[role]}},
-            # The workers stage the model, data and checkpoints under /tmp (tempfile): on a volume of its own,
-            # never in the container's layer, bounded so a runaway pod is evicted, not the node's disk filled.
-            {"name": "scratch", "emptyDir": {"sizeLimit": run.spec.scratch_size[role]}},
+            _scratch_volume(run, role), *(dict(v) for v in run.spec.volumes[role]),
         ],
         # The workers never call the API server: no token unless the user names a ServiceAccount (for its
         # cloud identity, say), when whatever it grants may be wanted.
@@ -106,7 +133,19 @@ def _pod_spec(run: api.SpinRun, container: dict[str, Any]) -> dict[str, Any]:
         spec["nodeSelector"] = dict(run.spec.node_selector)
     if run.spec.tolerations:
         spec["tolerations"] = [dict(t) for t in run.spec.tolerations]
+    if run.spec.affinity:
+        spec["affinity"] = dict(run.spec.affinity)
+    if run.spec.priority_class:
+        spec["priorityClassName"] = run.spec.priority_class
+    if run.spec.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in run.spec.image_pull_secrets]
     return spec
+
+
+def _deadline(run: api.SpinRun, role: str) -> dict[str, Any]:
+    """The Job's activeDeadlineSeconds, where the spec sets one for the role."""
+    seconds = run.spec.active_deadline.get(role)
+    return {} if seconds is None else {"activeDeadlineSeconds": seconds}
 
 
 def literal(text: str) -> str:
@@ -189,7 +228,7 @@ def generate_job(run: api.SpinRun, prefix: str, iteration: int) -> dict[str, Any
             "completionMode": "Indexed", "completions": shards, "parallelism": shards,
             "backoffLimitPerIndex": run.spec.restart_limit, "maxFailedIndexes": 0,
             "podFailurePolicy": _failure_policy(naming.GENERATE, permanent_exit=True),
-            "suspend": bool(run.spec.queue_name),
+            "suspend": bool(run.spec.queue_name), **_deadline(run, naming.GENERATE),
             "template": {"metadata": _template_metadata(run, meta["labels"]), "spec": _pod_spec(run, container)},
         },
     }
@@ -209,7 +248,7 @@ def train_job(run: api.SpinRun, prefix: str, iteration: int, attempt: int) -> di
         "spec": {
             "completionMode": "Indexed", "completions": nodes, "parallelism": nodes, "backoffLimit": 0,
             "podFailurePolicy": _failure_policy(naming.TRAIN, permanent_exit=False),
-            "suspend": bool(run.spec.queue_name),
+            "suspend": bool(run.spec.queue_name), **_deadline(run, naming.TRAIN),
             "template": {"metadata": _template_metadata(run, meta["labels"]), "spec": pod_spec},
         },
     }

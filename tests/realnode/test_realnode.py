@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 from pathlib import Path
@@ -214,18 +215,16 @@ def test_chart_controller_in_a_container_runs_two_iterations_with_a_two_node_gan
     assert get_run(real_api, ns, "demo")["status"]["phase"] == "Succeeded"
 
 
-def test_a_worker_pod_gets_its_shm_size_a_scratch_volume_at_tmp_and_no_token_when_restricted(
-        real_api: client.ApiClient, real_namespace: str, image_refs: dict[str, str]) -> None:
-    """The generation Job's own pod template (spin_k8s/manifests.py), its command replaced by a probe, in a
-    namespace enforcing the restricted standard: what the kubelet made of its volumes and securityContext."""
-    core, batch = client.CoreV1Api(real_api), client.BatchV1Api(real_api)
-    ns = real_namespace
-    core.patch_namespace(ns, {"metadata": {"labels": {RESTRICTED: "restricted"}}})
+def probe_job(core: client.CoreV1Api, batch: client.BatchV1Api, ns: str, image: str,
+              **spec: Any) -> dict[str, Any]:
+    """The generation Job's own pod template (spin_k8s/manifests.py) for a one-shard CPU spec with ``spec`` added,
+    its command replaced by PROBE, run to completion in ``ns``: PROBE's answers."""
     body = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "probe", "namespace": ns},
-            "spec": {"model": "s3://b/m", "dataset": "s3://b/d.jsonl", "iterations": 1, "storage": {"uri": "s3://b/s"},
-                     "generation": {"shards": 1, "gpusPerShard": 0}, "shmSize": {"generate": "96Mi"},
-                     "images": {"generate": image_refs["generate"], "pullPolicy": "Never"}}}
-    job = manifests.generate_job(api.parse(api.load_defaulted(body)), "s3://b/p", 0)
+            "spec": {"model": "s3://bk/m", "dataset": "s3://bk/d.jsonl", "iterations": 1, "storage": {"uri": "s3://bk/s"},
+                     "generation": {"shards": 1, "gpusPerShard": 0},
+                     "images": {"generate": image, "pullPolicy": "Never"}, **spec}}
+    assert api.schema_errors(body) == [] and api.semantic_errors(api.load_defaulted(body)) == []
+    job = manifests.generate_job(api.parse(api.load_defaulted(body)), "s3://bk/p", 0)
     job["metadata"].pop("ownerReferences")  # no SpinRun here to own it
     (container,) = job["spec"]["template"]["spec"]["containers"]
     container["command"], container["args"] = ["python", "-c", PROBE], []
@@ -235,12 +234,57 @@ def test_a_worker_pod_gets_its_shm_size_a_scratch_volume_at_tmp_and_no_token_whe
     pod = finished_pod(core, ns, pod.metadata.name)
     log = core.read_namespaced_pod_log(pod.metadata.name, ns)
     assert pod.status.phase == "Succeeded", log
-    assert json.loads(log) == {"uid": 65532, "shm_bytes": 96 << 20, "tmp_on_its_own_volume": True,
-                               "tmp_writable": True, "token": False}
+    answers: dict[str, Any] = json.loads(log)
+    return answers
+
+
+def test_a_worker_pod_gets_its_shm_size_a_scratch_volume_at_tmp_the_spec_s_env_and_volumes_and_no_token(
+        real_api: client.ApiClient, real_namespace: str, image_refs: dict[str, str]) -> None:
+    """In a namespace enforcing the restricted standard, what the kubelet made of the Job's volumes and
+    securityContext, and of an env var and a ConfigMap volume the spec adds."""
+    core, batch = client.CoreV1Api(real_api), client.BatchV1Api(real_api)
+    ns = real_namespace
+    core.patch_namespace(ns, {"metadata": {"labels": {RESTRICTED: "restricted"}}})
+    core.create_namespaced_config_map(ns, {"metadata": {"name": "fabric"}, "data": {"topology.xml": "<system/>"}})
+    answers = probe_job(core, batch, ns, image_refs["generate"], shmSize={"generate": "96Mi"},
+                        env={"generate": [{"name": "NCCL_TOPO_FILE", "value": "/etc/nccl/topology.xml"}]},
+                        volumes={"generate": [{"name": "nccl", "configMap": {"name": "fabric"}}]},
+                        volumeMounts={"generate": [{"name": "nccl", "mountPath": "/etc/nccl", "readOnly": True}]})
+    assert answers == {"uid": 65532, "shm_bytes": 96 << 20, "tmp_on_its_own_volume": True, "tmp_writable": True,
+                       "token": False, "topology": "<system/>"}
+
+
+def test_a_scratch_claim_gives_each_completion_index_its_own_directory(
+        real_api: client.ApiClient, real_namespace: str, image_refs: dict[str, str], tmp_path: Path) -> None:
+    """spec.scratchVolume.generate.persistentVolumeClaim: /tmp is the claim's subdirectory named by the pod's
+    completion index. A hostPath PersistentVolume stands in for a cluster's storage; hostPath volumes get no
+    fsGroup, so its directory is made writable for everyone here, as a storage driver's fsGroup would make it."""
+    core, batch = client.CoreV1Api(real_api), client.BatchV1Api(real_api)
+    ns = real_namespace
+    core.patch_namespace(ns, {"metadata": {"labels": {RESTRICTED: "restricted"}}})
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    disk.chmod(0o777)
+    pv = f"scratch-{secrets.token_hex(4)}"
+    core.create_persistent_volume({"metadata": {"name": pv}, "spec": {
+        "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+        "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(disk), "type": "Directory"}}})
+    try:
+        core.create_namespaced_persistent_volume_claim(ns, {"metadata": {"name": "gen-scratch"}, "spec": {
+            "accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv,
+            "resources": {"requests": {"storage": "1Gi"}}}})
+        answers = probe_job(core, batch, ns, image_refs["generate"],
+                            scratchVolume={"generate": {"persistentVolumeClaim": {"claimName": "gen-scratch"}}})
+    finally:
+        core.delete_persistent_volume(pv)
+    assert answers["tmp_writable"] and answers["uid"] == 65532
+    assert [p.relative_to(disk).as_posix() for p in sorted(disk.rglob("*"))] == ["0", "0/probe"]
+    assert (disk / "0" / "probe").read_text() == "written"
 
 
 # Runs in a worker's container: its uid, /dev/shm's size, whether /tmp is a volume (another device than the
-# container's root filesystem) it can write, and whether a service-account token was mounted.
+# container's root filesystem) it can write, whether a service-account token was mounted, and the file that
+# $NCCL_TOPO_FILE names, where there is one.
 PROBE = """
 import json, os
 shm = os.statvfs("/dev/shm")
@@ -249,5 +293,7 @@ with open("/tmp/probe", "w") as f:
 print(json.dumps({"uid": os.getuid(), "shm_bytes": shm.f_blocks * shm.f_frsize,
                   "tmp_on_its_own_volume": os.stat("/tmp").st_dev != os.stat("/").st_dev,
                   "tmp_writable": open("/tmp/probe").read() == "written",
-                  "token": os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token")}))
+                  "token": os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+                  **({"topology": open(os.environ["NCCL_TOPO_FILE"]).read()} if "NCCL_TOPO_FILE" in os.environ
+                     else {})}))
 """

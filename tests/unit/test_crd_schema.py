@@ -18,8 +18,9 @@ from spin_k8s import api
 IDENTITY = {"model", "dataset", "iterations", "storage", "data", "generation", "training", "iterationOverrides",
             "earlyStop"}
 # What spinctl (suspend, resume, cancel) and the tests patch during a run, and what only places or paces the pods.
-OPERATIONAL = {"suspend", "restartLimit", "queueName", "images", "resources", "shmSize", "scratchSize", "podLabels",
-               "podAnnotations", "nodeSelector", "tolerations", "serviceAccountName"}
+OPERATIONAL = {"suspend", "restartLimit", "queueName", "images", "resources", "shmSize", "scratchSize", "scratchVolume",
+               "env", "volumes", "volumeMounts", "activeDeadlineSeconds", "imagePullSecrets", "priorityClassName",
+               "affinity", "podLabels", "podAnnotations", "nodeSelector", "tolerations", "serviceAccountName"}
 
 
 def properties(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -110,3 +111,33 @@ def test_a_label_value_is_a_queue_name(queue: str) -> None:
     obj = valid()
     obj["spec"]["queueName"] = queue
     assert api.schema_errors(api.load_defaulted(obj)) == []
+
+
+def leaf_rule(path: str) -> str:
+    """The one CEL rule of the property at ``path`` (as :func:`properties` writes paths)."""
+    (rule,) = rules(dict(properties(api.schema()))[path])
+    return str(rule["rule"])
+
+
+@pytest.mark.parametrize("role", api.ROLES)
+def test_the_names_and_paths_the_jobs_keep_are_the_ones_checked_offline(role: str) -> None:
+    """The CRD's rules on env names, volume names and mount paths refuse what offline validation refuses."""
+    env = leaf_rule(f"spec.env.{role}[].name")
+    assert env == "!(self in [" + ", ".join(f"'{n}'" for n in api.RESERVED_ENV) + "])"
+    volume = leaf_rule(f"spec.volumes.{role}[].name")
+    assert volume == " && ".join(f"self != '{n}'" for n in api.RESERVED_VOLUMES)
+    assert leaf_rule(f"spec.volumeMounts.{role}[].mountPath") == f"!self.matches('{api.RESERVED_MOUNT}')"
+
+
+@pytest.mark.parametrize(("path", "refused"), [
+    ("/dev/shm", True), ("/tmp", True), ("/tmp/", True), ("//tmp", True), ("/dev", True), ("/", True),
+    ("/dev//shm/", True), ("/models", False), ("/tmp/models", False), ("/dev/shm2", False), ("/tmpfs", False),
+    ("/mnt/nvme", False), ("/devices", False),
+])
+def test_a_mount_over_the_jobs_own_paths_is_refused(path: str, refused: bool) -> None:
+    obj = valid()
+    obj["spec"]["volumes"] = {"train": [{"name": "v", "emptyDir": {}}]}
+    obj["spec"]["volumeMounts"] = {"train": [{"name": "v", "mountPath": path}]}
+    errors = api.semantic_errors(api.load_defaulted(obj))
+    assert errors == ([f"spec.volumeMounts.train[0].mountPath: {path} would hide the Job's own /dev/shm or /tmp"]
+                      if refused else []), errors
