@@ -23,6 +23,7 @@ from kubernetes import client, config
 from support import SIMULATED, Controllers, create_run, get_run, job_names, spin_run, write_outputs
 
 from spin_k8s import api as spin_api
+from spin_k8s.controller import manager
 from spin_k8s.controller.manager import LEASE_NAME, LeaseTimes, Manager, NotLeading
 from spin_k8s.testing.cluster import Cluster
 from spin_k8s.testing.processes import Process, free_port, wait_until
@@ -123,8 +124,8 @@ def test_a_leader_past_its_renew_deadline_sends_no_write(cluster: Cluster, names
     as nothing does in a paused process) has its writes refused before they are sent once the renew deadline
     has passed, while reads and the Lease's own renewal still go out; a renewal makes writes possible again."""
     own = config.new_client_from_config(config_file=str(cluster.kubeconfig))
-    manager = Manager(own, namespace, "fenced", namespace, lease=LeaseTimes(3, 1, 0.5))
-    elector, core = manager.elector, client.CoreV1Api(own)
+    fenced = Manager(own, namespace, "fenced", namespace, lease=LeaseTimes(3, 1, 0.5))
+    elector, core = fenced.elector, client.CoreV1Api(own)
     assert elector is not None and elector.try_acquire_or_renew()
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "before"}})
     wait_until("the renew deadline to pass", lambda: not elector.renewed_in_time(), 10)
@@ -147,9 +148,9 @@ def test_a_stopped_leader_releases_the_lease_and_the_standby_takes_over_at_once(
     started = time.monotonic()
     controllers.kill(leader, signal.SIGTERM)
     exited = time.monotonic()
+    assert holder(api, namespace) in (None, "", identity(standby))  # never the stopped leader's any more
     assert leader.popen.returncode == 0
     assert "released the leader Lease" in leader.log.read_text()
-    assert holder(api, namespace) in (None, "", identity(standby))  # never the stopped leader's any more
     controllers.wait("the standby to acquire", lambda: holder(api, namespace) == identity(standby), 120)
     print(f"hand-over: {time.monotonic() - started:.2f}s from SIGTERM ({exited - started:.2f}s to exit)")
 
@@ -202,3 +203,18 @@ def test_a_silent_connection_does_not_stall_the_controller(
         proxy.restore()
         controllers.wait_phase(api, "demo", "Succeeded", 120)
     print(f"finished {time.monotonic() - restored:.1f}s after the proxy forwarded again")
+
+
+def test_relists_are_paginated(api: client.ApiClient, crd: None, namespace: str, assets: tiny.TinyAssets,
+                               s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relist fetches every page (two objects a page here), for built-in kinds (models) and SpinRuns (dicts)."""
+    monkeypatch.setattr(manager, "PAGE", 2)
+    core = client.CoreV1Api(api)
+    for i in range(5):
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": f"cm-{i}"}})
+        create_run(api, namespace, spin_run(f"run-{i}", assets, s3_server, bucket, suspend=True))
+    maps, _ = manager._list(core.list_namespaced_config_map, namespace=namespace)
+    assert {m.metadata.name for m in maps} >= {f"cm-{i}" for i in range(5)}
+    runs, rv = manager._list(client.CustomObjectsApi(api).list_namespaced_custom_object, group=G, version=V,
+                             namespace=namespace, plural=P)
+    assert sorted(r["metadata"]["name"] for r in runs) == [f"run-{i}" for i in range(5)] and rv
