@@ -10,6 +10,7 @@ what is under test is who writes, and when, not the workers.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import socket
 import time
@@ -218,3 +219,23 @@ def test_relists_are_paginated(api: client.ApiClient, crd: None, namespace: str,
     runs, rv = manager._list(client.CustomObjectsApi(api).list_namespaced_custom_object, group=G, version=V,
                              namespace=namespace, plural=P)
     assert sorted(r["metadata"]["name"] for r in runs) == [f"run-{i}" for i in range(5)] and rv
+
+
+def api_requests(port: int) -> dict[str, int]:
+    """A controller's API requests so far, by verb (its /metrics)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        text = r.read().decode()
+    return {verb: int(n) for verb, n in re.findall(r'^spin_controller_api_requests_total\{verb="(\w+)"\} (\d+)$',
+                                                    text, re.M)}
+
+
+def test_watches_resume_where_they_ended_without_listing_again(namespace: str, crd: None,
+                                                               controllers: Controllers) -> None:
+    """The server ends each watch after 2 s here; each is started again from the last resourceVersion it saw
+    (an event's or a bookmark's), not from a new list: with nothing in the namespace and no Lease, the only GETs
+    are the three first lists, however many watches ran."""
+    port = free_port()
+    controllers.start("--no-leader-elect", "--watch-timeout-seconds=2", f"--metrics-bind=127.0.0.1:{port}")
+    counts = controllers.wait("every watch to be resumed twice", lambda: (
+        c if (c := api_requests(port)).get("WATCH", 0) >= 9 else None), 60)
+    assert counts.get("GET") == 3, counts

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 _lock = threading.Lock()
 _counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
 _HELP = {
-    "spin_controller_api_requests_total": "Requests the controller sent to the Kubernetes API, by verb.",
+    "spin_controller_api_requests_total": "Requests the controller sent to the Kubernetes API, by HTTP method "
+                                          "(WATCH for a watch).",
     "spin_controller_reconciles_total": "Reconciles, by result (ok, changed, error).",
     "spin_controller_fenced_requests_total": "Writes refused before they were sent: not a leader that renewed "
                                              "its Lease in time, by verb.",
@@ -47,12 +49,14 @@ def render() -> str:
 
 
 def count_requests(api_client: Any) -> None:
-    """Wrap the client's REST layer (every request, watches included, passes through it once)."""
+    """Wrap the client's REST layer (every request, watches included, passes through it once). A watch counts
+    as WATCH, as the API server counts it: what grows with time (a watch resumed) apart from what does not."""
     rest = api_client.rest_client
     original = rest.request
 
     def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        inc("spin_controller_api_requests_total", verb=method.upper())
+        watching = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query).get("watch") == ["true"]
+        inc("spin_controller_api_requests_total", verb="WATCH" if watching else method.upper())
         return original(method, url, *args, **kwargs)
 
     rest.request = request
