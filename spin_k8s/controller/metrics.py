@@ -1,19 +1,25 @@
-"""The controller's Prometheus metrics: counters kept in-process and served as text on ``/metrics``
-(``/healthz`` answers too, for probes). Counting API requests at the client's one exit point tells how
-many requests an iteration costs, the figure the benchmark reports."""
+"""The controller's Prometheus metrics: counters kept in-process and served as text on ``/metrics``, and
+``/healthz`` for probes (500 when the controller says it is unhealthy: a leader past its renew deadline).
+Counting API requests at the client's one exit point tells how many requests an iteration costs, the
+figure the benchmark reports."""
 
 from __future__ import annotations
 
 import http.server
 import threading
+import urllib.parse
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 _lock = threading.Lock()
 _counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
 _HELP = {
-    "spin_controller_api_requests_total": "Requests the controller sent to the Kubernetes API, by verb.",
+    "spin_controller_api_requests_total": "Requests the controller sent to the Kubernetes API, by HTTP method "
+                                          "(WATCH for a watch).",
     "spin_controller_reconciles_total": "Reconciles, by result (ok, changed, error).",
+    "spin_controller_fenced_requests_total": "Writes refused before they were sent: not a leader that renewed "
+                                             "its Lease in time, by verb.",
 }
 
 
@@ -43,27 +49,38 @@ def render() -> str:
 
 
 def count_requests(api_client: Any) -> None:
-    """Wrap the client's REST layer (every request, watches included, passes through it once)."""
+    """Wrap the client's REST layer (every request, watches included, passes through it once). A watch counts
+    as WATCH, as the API server counts it: what grows with time (a watch resumed) apart from what does not."""
     rest = api_client.rest_client
     original = rest.request
 
     def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        inc("spin_controller_api_requests_total", verb=method.upper())
+        watching = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query).get("watch") == ["true"]
+        inc("spin_controller_api_requests_total", verb="WATCH" if watching else method.upper())
         return original(method, url, *args, **kwargs)
 
     rest.request = request
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    healthy: Callable[[], bool]
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _Server
+
     def do_GET(self) -> None:
+        code = 200
         if self.path == "/metrics":
             body, ctype = render().encode(), "text/plain; version=0.0.4"
         elif self.path in ("/healthz", "/readyz"):
-            body, ctype = b"ok\n", "text/plain"
+            code = 200 if self.server.healthy() else 500
+            body, ctype = (b"ok\n" if code == 200 else b"leader Lease not renewed within the renew deadline\n",
+                           "text/plain")
         else:
             self.send_error(404)
             return
-        self.send_response(200)
+        self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -73,7 +90,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass  # scrapes every few seconds would drown the controller's own log
 
 
-def serve(address: str, port: int) -> http.server.ThreadingHTTPServer:
-    server = http.server.ThreadingHTTPServer((address, port), _Handler)
+def serve(address: str, port: int, healthy: Callable[[], bool] = lambda: True) -> http.server.ThreadingHTTPServer:
+    server = _Server((address, port), _Handler)
+    server.healthy = healthy
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

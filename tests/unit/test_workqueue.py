@@ -1,10 +1,10 @@
-"""The controller's work queue: dedup, delays, and one worker per key at a time."""
+"""The controller's work queue: dedup, delays, one worker per key at a time, and the global rate limit."""
 
 from __future__ import annotations
 
 import threading
 
-from spin_k8s.controller.manager import WorkQueue
+from spin_k8s.controller.manager import RateLimiter, WorkQueue
 
 STOP = threading.Event()
 
@@ -31,3 +31,18 @@ def test_a_key_in_progress_is_not_handed_out_again_until_done() -> None:
     q.done(("ns", "b"))
     q.done(("ns", "a"))
     assert q.get(STOP) == ("ns", "a")  # the change seen meanwhile is reconciled afterwards
+
+
+def test_the_global_bucket_spaces_requeues_of_different_keys() -> None:
+    """Per-key backoff alone lets many failing runs retry together; the shared bucket (here 1 token, refilled
+    once a minute) hands out the first at once and holds the next although its own delay is 0."""
+    q = WorkQueue(RateLimiter(qps=1 / 60, burst=1))
+    q.add_rate_limited(("ns", "a"))
+    q.add_rate_limited(("ns", "b"))
+    assert q.get(STOP) == ("ns", "a")
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    assert q.get(stop) is None  # "b" waits for the bucket
+    q.add(("ns", "b"))  # a watch event is not rate limited: it goes at once
+    assert q.get(STOP) == ("ns", "b")
+
