@@ -325,11 +325,12 @@ class Manager:
         self.api = api_client
         self.namespace = namespace
         self.cache = Cache()
-        self.reconciler = Reconciler(Kube(api_client), self.cache, images=images, policy=policy)
-        self.queue = WorkQueue()
-        self.stop = threading.Event()
         self.elector = LeaderElector(api_client, lease_namespace, LEASE_NAME, identity, lease) \
             if leader_elect else None
+        self.reconciler = Reconciler(Kube(api_client), self.cache, images=images, policy=policy,
+                                     may_write=self.elector.renewed_in_time if self.elector else lambda: True)
+        self.queue = WorkQueue()
+        self.stop = threading.Event()
         self.resync_seconds = resync_seconds
         self.workers = workers
         self.timeouts = timeouts

@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,10 +214,14 @@ class Reconciler:
     SECRET_TTL = 60.0  # seconds a credentials Secret is trusted before it is read again
 
     def __init__(self, kube: Kube, cache: Cache, component: str = "spin-controller",
-                 images: api.Images = api.DEFAULT_IMAGES, policy: StoragePolicy = LOCKED_DOWN) -> None:
+                 images: api.Images = api.DEFAULT_IMAGES, policy: StoragePolicy = LOCKED_DOWN,
+                 may_write: Callable[[], bool] = lambda: True) -> None:
         self.kube = kube
         self.images = images
         self.policy = policy
+        # Whether this process may still write (a leader within its renew deadline). API writes are fenced at
+        # the client (manager); lineage goes to S3, so its writes ask here.
+        self.may_write = may_write
         self.cache = cache
         self.component = component
         self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
@@ -329,6 +334,9 @@ class Reconciler:
         k, ns = self.kube, run.namespace
         if isinstance(action, planner.RecordStep):
             assert store is not None
+            if not self.may_write():
+                raise RuntimeError(f"lineage of iteration {action.iteration} {action.role} not written: this "
+                                   "process is no longer a leader that renewed its Lease in time")
             lineage.record_step(store, {"name": run.name, "namespace": ns, "uid": run.uid}, obj["spec"],
                                 action.iteration, action.role, action.record)
         elif isinstance(action, planner.CreateJob | planner.CreateService):
