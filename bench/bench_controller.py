@@ -5,12 +5,17 @@
    Succeeded -> Job Complete), both seen through one watch.
 2. API requests per iteration, from the controller's own /metrics counter.
 3. 100 concurrent SpinRuns: the controller's peak RSS and CPU seconds.
+4. Idle runs: runs whose generation pods hang, held for a while at the controller's default settings (resync
+   30 s, storage check 300 s, lease 15 s): Kubernetes + S3 requests per idle run-hour, the costs that grow with
+   time (resyncs, lease renewals, Secret and lineage reads).
 
 Pods are simulated: the node agent exits them 0 at once (pod annotation), and the bench writes the outputs
 the workers would have written (shard done records, metrics.json), so only orchestration is measured.
-Targets: p50 < 0.2 s, p99 < 1 s, <= 10 requests per iteration, < 300 MB.
+Targets: p50 < 0.2 s, p99 < 1 s, <= 10 Kubernetes + S3 requests per iteration, < 300 MB, < 100 requests per
+idle run-hour.
 
-Run: .venv/bin/python bench/bench_controller.py [--runs 10 --iterations 3 --concurrent 100]
+Run: .venv/bin/python bench/bench_controller.py [--runs 10 --iterations 3 --concurrent 100 --idle-runs 100
+     --idle-seconds 330]
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from kubernetes import client, config, watch
 
 from spin_k8s import api, naming
 from spin_k8s.testing.cluster import Cluster
-from spin_k8s.testing.nodeagent import EXIT_CODE_ANNOTATION
+from spin_k8s.testing.nodeagent import EXIT_CODE_ANNOTATION, HANG_ANNOTATION
 from spin_k8s.testing.processes import free_port, wait_until
 from spin_k8s.testing.s3 import S3Server
 
@@ -43,13 +48,14 @@ NS = "bench"
 SHARDS = 2
 
 
-def run_body(name: str, endpoint: str, iterations: int) -> dict[str, Any]:
+def run_body(name: str, endpoint: str, iterations: int, hang: bool = False) -> dict[str, Any]:
+    pods = {HANG_ANNOTATION: "true"} if hang else {EXIT_CODE_ANNOTATION: "0"}
     return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name},
             "spec": {"model": "file:///simulated/model", "dataset": "file:///simulated/sft.jsonl",
                      "iterations": iterations,
                      "storage": {"uri": "s3://bench/spin", "credentialsSecret": "s3", "endpoint": endpoint},
                      "generation": {"shards": SHARDS, "gpusPerShard": 0}, "training": {"gpusPerNode": 0},
-                     "podAnnotations": {EXIT_CODE_ANNOTATION: "0"}}}
+                     "podAnnotations": pods}}
 
 
 def write_outputs(s3: Any, uid: str, name: str, iterations: int) -> None:
@@ -126,6 +132,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10, help="runs for the latency phase (default 10)")
     parser.add_argument("--iterations", type=int, default=3, help="iterations per run (default 3)")
     parser.add_argument("--concurrent", type=int, default=100, help="runs at once in phase 3 (default 100)")
+    parser.add_argument("--idle-runs", type=int, default=100, help="idle runs in phase 4 (default 100)")
+    parser.add_argument("--idle-seconds", type=float, default=330.0,
+                        help="how long phase 4 watches them (default 330: past one storage check)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="spin-bench-"))
     with Cluster(root / "cluster") as cluster, S3Server(root / "s3") as s3server:
@@ -147,9 +156,13 @@ def main() -> int:
         ctl = psutil.Process(proc.pid)
 
         def by_verb() -> dict[str, int]:
+            """Kubernetes requests by HTTP method, S3 requests by operation ("S3 GetObject")."""
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            return {line.split('"')[1]: int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-                    if line.startswith("spin_controller_api_requests_total{")}
+            counts = {line.split('"')[1]: int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                      if line.startswith("spin_controller_api_requests_total{")}
+            counts.update({"S3 " + line.split('"')[1]: int(float(line.rsplit(" ", 1)[1]))
+                           for line in text.splitlines() if line.startswith("spin_controller_s3_requests_total{")})
+            return counts
 
         def requests() -> int:
             return sum(by_verb().values())
@@ -186,7 +199,7 @@ def main() -> int:
                   f"p99 {percentile(latencies, 0.99):.3f} s (targets 0.2 / 1.0)")
             print(f"baseline, the Job controller (last pod Succeeded -> Job Complete): p50 {base50:.3f} s, "
                   f"p99 {percentile(baseline, 0.99):.3f} s; ratio ours / Job controller at p50: {p50 / base50:.2f}")
-            print(f"API requests per iteration: {per_iteration:.1f} (target <= 10): "
+            print(f"Kubernetes + S3 requests per iteration: {per_iteration:.1f} (target <= 10): "
                   + ", ".join(f"{v} {c:.1f}" for v, c in sorted(verbs.items())))
 
             cpu_before = sum(ctl.cpu_times()[:2])
@@ -206,6 +219,25 @@ def main() -> int:
             cpu = sum(ctl.cpu_times()[:2]) - cpu_before
             print(f"{args.concurrent} concurrent runs: done in {time.monotonic() - started:.1f} s, controller peak "
                   f"RSS {peak / 2**20:.0f} MiB (target < 300), CPU {cpu:.1f} s")
+
+            idle = [f"idle{i}" for i in range(args.idle_runs)]
+            for name in idle:
+                objects.create_namespaced_custom_object(api.GROUP, api.VERSION, NS, api.PLURAL,
+                                                        run_body(name, s3server.endpoint, 1, hang=True))
+            wait_until("every idle run's generation Job", lambda: all(
+                f"{n}-i0-gen" in clock.added for n in idle), 600)
+            time.sleep(30)  # their pods start and the Jobs' own status updates settle
+            before, started = by_verb(), time.monotonic()
+            time.sleep(args.idle_seconds)
+            hours = (time.monotonic() - started) / 3600
+            spent = {v: c - before.get(v, 0) for v, c in by_verb().items() if c - before.get(v, 0)}
+            s3_spent = sum(c for v, c in spent.items() if v.startswith("S3 "))
+            total = sum(spent.values())
+            per_hour = args.idle_runs * hours
+            print(f"{args.idle_runs} idle runs for {hours * 3600:.0f} s: {total / per_hour:.1f} requests per idle "
+                  f"run-hour (target < 100; Kubernetes {(total - s3_spent) / per_hour:.1f}, "
+                  f"S3 {s3_spent / per_hour:.1f}; lease renewals included, shared by all runs): "
+                  + ", ".join(f"{v} {c}" for v, c in sorted(spent.items())))
             clock.stop.set()
         finally:
             proc.kill()

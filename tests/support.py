@@ -149,12 +149,20 @@ class Controllers:
         allowed = [f"--allowed-endpoint={self.s3_server.endpoint}"] if self.s3_server is not None else []
         proc = start_process(f"controller-{len(self.procs)}", [
             sys.executable, "-m", "spin_k8s.controller", f"--kubeconfig={self.cluster.kubeconfig}",
-            f"--namespace={self.namespace}", f"--lease-namespace={self.namespace}", "--resync-seconds=5", *allowed,
+            f"--namespace={self.namespace}", f"--lease-namespace={self.namespace}", "--resync-seconds=5",
+            "--storage-check-seconds=5", *allowed,
             *extra,
         ], self.logdir)
         self.procs.append(proc)
         self.watched.append(proc)
         return proc
+
+    def use_s3(self, server: S3Server) -> None:
+        """The test's own S3 server instead of the session's: controllers started from now on may reach it
+        (and only it), and every wait fails fast if it dies."""
+        assert server.process is not None
+        self.s3_server = server
+        self.watched.append(server.process)
 
     def unwatch(self, proc: Process) -> None:
         """``proc`` is about to exit on purpose (a kill, a stopped S3 server): waits no longer fail on it."""

@@ -311,7 +311,7 @@ def test_leader_killed_at_every_step_duplicates_nothing_and_changes_no_lineage(
         cluster: Cluster, api: client.ApiClient, crd: None, namespace: str, controllers: Controllers,
         assets: tiny.TinyAssets, reference: FinishedRun, tmp_path: Path) -> None:
     with S3Server(tmp_path / "s3") as s3b:
-        controllers.watched.append(s3b.process)  # type: ignore[arg-type]
+        controllers.use_s3(s3b)
         s3b.client().create_bucket(Bucket="chaos")
         create_s3_secret(api, namespace, s3b)
         created = create_run(api, namespace, reference_spec("demo", assets, s3b, "chaos"))
@@ -351,7 +351,7 @@ def test_s3_outage_is_reported_without_restarts_and_the_lineage_is_the_reference
     """S3 goes away while iteration 0's training gang computes (its processes are frozen meanwhile, as a
     long step between checkpoints would be: the outage is the controller's alone to handle)."""
     with S3Server(tmp_path / "s3") as s3b:
-        controllers.watched.append(s3b.process)  # type: ignore[arg-type]
+        controllers.use_s3(s3b)
         s3b.client().create_bucket(Bucket="outage")
         create_s3_secret(api, namespace, s3b)
         controllers.start()

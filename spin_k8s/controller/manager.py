@@ -321,14 +321,16 @@ class Manager:
     def __init__(self, api_client: client.ApiClient, namespace: str | None, identity: str,
                  lease_namespace: str, leader_elect: bool = True, resync_seconds: float = 30.0,
                  workers: int = 2, lease: LeaseTimes = LeaseTimes(), timeouts: Timeouts = Timeouts(),
-                 images: api.Images = api.DEFAULT_IMAGES, policy: StoragePolicy = LOCKED_DOWN) -> None:
+                 images: api.Images = api.DEFAULT_IMAGES, policy: StoragePolicy = LOCKED_DOWN,
+                 storage_check_seconds: float = 300.0) -> None:
         self.api = api_client
         self.namespace = namespace
         self.cache = Cache()
         self.elector = LeaderElector(api_client, lease_namespace, LEASE_NAME, identity, lease) \
             if leader_elect else None
         self.reconciler = Reconciler(Kube(api_client), self.cache, images=images, policy=policy,
-                                     may_write=self.elector.renewed_in_time if self.elector else lambda: True)
+                                     may_write=self.elector.renewed_in_time if self.elector else lambda: True,
+                                     storage_check_seconds=storage_check_seconds)
         self.queue = WorkQueue()
         self.stop = threading.Event()
         self.resync_seconds = resync_seconds
@@ -498,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the server ends each watch after this long; the client gives up on one silent for "
                              f"this plus the request timeout (default {Timeouts.watch})")
     parser.add_argument("--resync-seconds", type=float, default=30.0, help="re-plan every run this often")
+    parser.add_argument("--storage-check-seconds", type=float, default=300.0,
+                        help="read an idle run's lineage from storage at least this often, to see an outage "
+                             "(between, it plans from what it read and wrote; default 300)")
     parser.add_argument("--metrics-bind", default="",
                         help="address:port serving /metrics and /healthz, e.g. 0.0.0.0:8080 in a pod (default: off)")
     parser.add_argument("--generate-image", default=api.DEFAULT_IMAGES.generate,
@@ -538,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
                       args.resync_seconds, lease=lease,
                       timeouts=Timeouts(request=args.request_timeout_seconds, watch=args.watch_timeout_seconds),
                       images=api.Images(generate=args.generate_image, train=args.train_image),
-                      policy=StoragePolicy(tuple(args.allowed_endpoint), tuple(args.own_identity_prefix)))
+                      policy=StoragePolicy(tuple(args.allowed_endpoint), tuple(args.own_identity_prefix)),
+                      storage_check_seconds=args.storage_check_seconds)
     if args.metrics_bind:
         address, _, port = args.metrics_bind.rpartition(":")
         metrics.serve(address, int(port), manager.healthy)

@@ -18,6 +18,7 @@ _HELP = {
     "spin_controller_api_requests_total": "Requests the controller sent to the Kubernetes API, by HTTP method "
                                           "(WATCH for a watch).",
     "spin_controller_reconciles_total": "Reconciles, by result (ok, changed, error).",
+    "spin_controller_s3_requests_total": "Requests the controller sent to S3 (lineage reads and writes), by operation.",
     "spin_controller_fenced_requests_total": "Writes refused before they were sent: not a leader that renewed "
                                              "its Lease in time, by verb.",
 }

@@ -13,6 +13,7 @@ import datetime
 import functools
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from spin_k8s import api, lineage, naming, planner, storage
+from spin_k8s.controller import metrics
 
 log = logging.getLogger("spin_k8s.controller")
 
@@ -84,6 +86,10 @@ def create_error(events: list[client.CoreV1Event]) -> str:
     relevant = [e for e in events if e.reason in ("FailedCreate", "SuccessfulCreate")]
     newest = max(relevant, key=when, default=None)
     return one_line(newest.message or "") if newest is not None and newest.reason == "FailedCreate" else ""
+
+
+def _count_s3(event_name: str = "", **_: Any) -> None:
+    metrics.inc("spin_controller_s3_requests_total", operation=event_name.rsplit(".", 1)[-1])
 
 
 class ActionFailed(RuntimeError):
@@ -215,13 +221,18 @@ class Reconciler:
 
     def __init__(self, kube: Kube, cache: Cache, component: str = "spin-controller",
                  images: api.Images = api.DEFAULT_IMAGES, policy: StoragePolicy = LOCKED_DOWN,
-                 may_write: Callable[[], bool] = lambda: True) -> None:
+                 may_write: Callable[[], bool] = lambda: True, storage_check_seconds: float = 300.0) -> None:
         self.kube = kube
         self.images = images
         self.policy = policy
         # Whether this process may still write (a leader within its renew deadline). API writes are fenced at
         # the client (manager); lineage goes to S3, so its writes ask here.
         self.may_write = may_write
+        # Lineage as last read (monotonic time, steps), by run uid. Only this process writes a run's lineage while
+        # it leads, so an idle reconcile needs no read; storage is still read every storage_check_seconds, to
+        # see an outage (StorageAvailable) and to pick up what another leader wrote before this one took over.
+        self.storage_check_seconds = storage_check_seconds
+        self._lineage: dict[str, tuple[float, dict[tuple[int, str], dict[str, Any]]]] = {}
         self.cache = cache
         self.component = component
         self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
@@ -249,8 +260,11 @@ class Reconciler:
                                          f'"{key[0]}" (spec.storage.credentialsSecret){hint}') from e
                 creds = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
                 self._secrets[key] = (time.monotonic(), creds)
-        return lineage.open_store(prefix, endpoint=run.spec.storage.endpoint, region=run.spec.storage.region,
-                                  credentials=creds)
+        store = lineage.open_store(prefix, endpoint=run.spec.storage.endpoint, region=run.spec.storage.region,
+                                   credentials=creds)
+        if isinstance(store, lineage.S3Store):  # count its requests next to the Kubernetes ones (/metrics)
+            store.client.meta.events.register("before-send.s3", _count_s3, unique_id="spin-controller-s3-count")
+        return store
 
     def _with_pod_facts(self, namespace: str, job: client.V1Job) -> planner.JobView | None:
         """A Job's view with what its pods tell: a failed Job's failed pod in its own words (a worker's reason
@@ -288,16 +302,25 @@ class Reconciler:
                 if (v := self._with_pod_facts(namespace, j)) is not None]
         services = frozenset(s.metadata.name for s in self.cache.owned("services", namespace, run.uid))
         prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
-        try:
-            store = self._store(run)
-            steps = lineage.load(store)
-            found = planner.Lineage(steps, lineage.step_outputs(store, run, prefix, jobs, steps))
-        except StorageRefused as e:
-            store = None
-            found = planner.Lineage(error=str(e), error_reason=e.reason)
-        except Exception as e:  # storage down or credentials wrong: say why, retry with backoff
-            store = None
-            found = planner.Lineage(error=f"{type(e).__name__}: {one_line(str(e), 300)}")
+        store: lineage.Store | None = None
+        read_at, known = self._lineage.get(run.uid, (-math.inf, {}))
+        if (time.monotonic() - read_at < self.storage_check_seconds
+                and not any(j.state == "complete" and (j.iteration, j.role) not in known for j in jobs)):
+            found = planner.Lineage(dict(known))  # nothing new to read: this process wrote the lineage it holds
+        else:
+            self._lineage.pop(run.uid, None)
+            try:
+                store = self._store(run)
+                started = time.monotonic()
+                steps = lineage.load(store)
+                found = planner.Lineage(steps, lineage.step_outputs(store, run, prefix, jobs, steps))
+                self._remember(run.uid, started, steps)
+            except StorageRefused as e:
+                store = None
+                found = planner.Lineage(error=str(e), error_reason=e.reason)
+            except Exception as e:  # storage down or credentials wrong: say why, retry with backoff
+                store = None
+                found = planner.Lineage(error=f"{type(e).__name__}: {one_line(str(e), 300)}")
         plan = planner.plan(run, planner.Observed(tuple(jobs), services), found, _now(),
                             invalid="; ".join(errors) or None)
         for action in plan.actions:
@@ -311,6 +334,11 @@ class Reconciler:
         if found.error:
             raise RuntimeError(found.error)  # the queue retries with backoff
         return bool(plan.actions) or status_changed
+
+    def _remember(self, uid: str, read_at: float, steps: dict[tuple[int, str], dict[str, Any]]) -> None:
+        self._lineage[uid] = (read_at, steps)
+        if len(self._lineage) > 8192:  # bounded: deleted runs' entries go first, and would cost one read
+            del self._lineage[next(iter(self._lineage))]
 
     def _write_status(self, obj: dict[str, Any], run: api.SpinRun, plan: planner.Plan) -> bool:
         """Write the plan's status if it differs from the run's, then the events it describes; False when
@@ -337,6 +365,7 @@ class Reconciler:
             if not self.may_write():
                 raise RuntimeError(f"lineage of iteration {action.iteration} {action.role} not written: this "
                                    "process is no longer a leader that renewed its Lease in time")
+            self._lineage.pop(run.uid, None)  # read it back next time, as written
             lineage.record_step(store, {"name": run.name, "namespace": ns, "uid": run.uid}, obj["spec"],
                                 action.iteration, action.role, action.record)
         elif isinstance(action, planner.CreateJob | planner.CreateService):
