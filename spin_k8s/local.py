@@ -91,7 +91,7 @@ def container_env(container: Mapping[str, Any], index: int) -> dict[str, str]:
 def localize(argv: Sequence[str], *, port: int, cpu_ranks: int | None) -> list[str]:
     """A pod's command line as it runs on this machine; the only place where local execution differs from a pod.
 
-    - ``python`` and ``torchrun`` are the images' interpreter: here, the one running this executor;
+    - ``python`` is the images' interpreter: here, the one running this executor;
     - the training master ``{job}-0.{service}`` is a headless-Service name: here every node is on loopback;
     - ``--master-port`` becomes ``port``, a free one, so two local runs (or a test cluster) never collide;
     - ``--nproc-per-node`` becomes ``cpu_ranks`` when given (a CPU gang, see the module docstring).
@@ -99,8 +99,6 @@ def localize(argv: Sequence[str], *, port: int, cpu_ranks: int | None) -> list[s
     out = list(argv)
     if out[0] == "python":
         out[0] = sys.executable
-    elif out[0] == "torchrun":
-        out[:1] = [sys.executable, "-m", "torch.distributed.run"]
     for i, arg in enumerate(out):
         flag, eq, _ = arg.partition("=")
         if not eq:

@@ -6,9 +6,9 @@ shard alone and ``maxFailedIndexes: 0`` fails the Job once a shard has used up i
 Training: an Indexed Job, one pod per node, run by torchrun with node rank = completion index and the
 master = pod 0 through the headless Service. ``backoffLimit: 0``: one failed pod fails the gang, and the
 controller recreates the whole gang (a new attempt) from its last DeepSpeed checkpoint.
-Disruptions (preemption, node drain) never count as failures (``podFailurePolicy``). A generation pod that exits
-with the workers' ``INPUT_EXIT`` (a model, dataset or tokenizer no retry can fix) fails its Job at once. Training
-has no such rule: torchrun exits 1 whatever code its ranks exited with, so the code never reaches the pod.
+Disruptions (preemption, node drain) never count as failures (``podFailurePolicy``). A worker pod that exits
+with the workers' ``INPUT_EXIT`` (a model, dataset or tokenizer no retry can fix) fails its Job at once: no
+shard rerun, no gang restart (training runs torchrun under ``spin_k8s.workers.gang``, which passes the code on).
 Containers report why they failed: the worker's termination-log line, else the end of its log
 (``FallbackToLogsOnError``); the controller copies it into the SpinRun's status.
 Worker pods meet the restricted Pod Security Standard, get a memory-backed /dev/shm (``spec.shmSize``) and a
@@ -27,13 +27,12 @@ from spin_k8s.workers import runtime
 WORKER_UID = 65532  # the numeric USER of images/generate and images/train (tests/unit/test_images.py)
 
 
-def _failure_policy(container: str, permanent_exit: bool) -> dict[str, Any]:
-    """Disruptions never count as failures; with ``permanent_exit``, the workers' INPUT_EXIT fails the Job."""
-    rules: list[dict[str, Any]] = [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
-    if permanent_exit:
-        rules.append({"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In",
-                                                           "values": [runtime.INPUT_EXIT]}})
-    return {"rules": rules}
+def _failure_policy(container: str) -> dict[str, Any]:
+    """Disruptions never count as failures; the workers' INPUT_EXIT fails the Job."""
+    return {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In",
+                                              "values": [runtime.INPUT_EXIT]}}]}
 
 
 def _owner(run: api.SpinRun) -> dict[str, Any]:
@@ -194,7 +193,7 @@ def train_command(run: api.SpinRun, prefix: str, iteration: int, attempt: int) -
     first = max(0, iteration - run.spec.keep_previous)
     synthetic = [f"--synthetic={i}={naming.synthetic_uri(prefix, i)}" for i in range(first, iteration + 1)]
     return [
-        "torchrun", f"--nnodes={t.nodes}", f"--nproc-per-node={max(1, t.gpus_per_node)}",
+        "python", "-m", "spin_k8s.workers.gang", f"--nnodes={t.nodes}", f"--nproc-per-node={max(1, t.gpus_per_node)}",
         "--node-rank=$(JOB_COMPLETION_INDEX)", f"--master-addr={job}-0.{service}", f"--master-port={t.port}",
         "-m", "spin_k8s.workers.train",
         "--model", model_for(run, prefix, iteration), *synthetic,
@@ -227,7 +226,7 @@ def generate_job(run: api.SpinRun, prefix: str, iteration: int) -> dict[str, Any
         "spec": {
             "completionMode": "Indexed", "completions": shards, "parallelism": shards,
             "backoffLimitPerIndex": run.spec.restart_limit, "maxFailedIndexes": 0,
-            "podFailurePolicy": _failure_policy(naming.GENERATE, permanent_exit=True),
+            "podFailurePolicy": _failure_policy(naming.GENERATE),
             "suspend": bool(run.spec.queue_name), **_deadline(run, naming.GENERATE),
             "template": {"metadata": _template_metadata(run, meta["labels"]), "spec": _pod_spec(run, container)},
         },
@@ -247,7 +246,7 @@ def train_job(run: api.SpinRun, prefix: str, iteration: int, attempt: int) -> di
         "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
         "spec": {
             "completionMode": "Indexed", "completions": nodes, "parallelism": nodes, "backoffLimit": 0,
-            "podFailurePolicy": _failure_policy(naming.TRAIN, permanent_exit=False),
+            "podFailurePolicy": _failure_policy(naming.TRAIN),
             "suspend": bool(run.spec.queue_name), **_deadline(run, naming.TRAIN),
             "template": {"metadata": _template_metadata(run, meta["labels"]), "spec": pod_spec},
         },

@@ -4,7 +4,8 @@ local model cache.
 Exit codes: 0 done (also: nothing left to do), 2 bad usage (one line on stderr), ``INPUT_EXIT`` (3) an input
 that no retry can fix: a model URI with nothing under it, a dataset without a usable row, a tokenizer that does not
 load (one line on stderr); anything else a crash worth a retry. The Jobs' ``podFailurePolicy`` fails a Job at
-once on ``INPUT_EXIT`` (spin_k8s.manifests), so it is never retried.
+once on ``INPUT_EXIT`` (spin_k8s.manifests), so it is never retried; under torchrun, which hides its ranks' codes,
+``spin_k8s.workers.gang`` passes it on.
 
 Whatever the reason a worker fails, it writes it as one line to the container's termination log, which the
 kubelet reports as the container's termination message and the controller copies into the SpinRun's status.
@@ -30,6 +31,9 @@ from spin_k8s.workers import data
 
 USAGE_EXIT = 2
 INPUT_EXIT = 3
+# A file a process that exits INPUT_EXIT creates, when this variable names one: torchrun hides its ranks' exit
+# codes, so the training pod's entrypoint (spin_k8s.workers.gang) learns of an input error this way.
+INPUT_ERROR_ENV = "SPIN_INPUT_ERROR_FILE"
 # Where a container's termination message goes: the kubelet creates the file (the container's
 # terminationMessagePath, by default /dev/termination-log) before the container starts. The test cluster's node
 # agent runs pods as host processes and names a per-container file in this variable instead.
@@ -73,6 +77,8 @@ def run_cli(main: Callable[[], int]) -> int:
     except (data.DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         write_termination_message(str(exc))
+        if os.environ.get(INPUT_ERROR_ENV):
+            Path(os.environ[INPUT_ERROR_ENV]).touch()
         return INPUT_EXIT
     except BaseException as exc:
         if not isinstance(exc, SystemExit | KeyboardInterrupt):

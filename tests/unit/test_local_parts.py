@@ -48,12 +48,12 @@ def test_localize_rewrites_only_what_cannot_run_here(tmp_path: Path) -> None:
     assert "--master-addr=demo-i0-train-r1-0.demo-train" in argv and "--node-rank=1" in argv
 
     out = local.localize(argv, port=4242, cpu_ranks=3)
-    assert out[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert out[:3] == [sys.executable, "-m", "spin_k8s.workers.gang"]
     assert "--master-addr=127.0.0.1" in out and "--master-port=4242" in out and "--nproc-per-node=3" in out
     changed = {a for a in argv if a.startswith(("--master-addr", "--master-port", "--nproc-per-node"))}
-    assert [a for a in argv[1:] if a not in changed] == [a for a in out[3:] if not a.startswith(
+    assert [a for a in argv[1:] if a not in changed] == [a for a in out[1:] if not a.startswith(
         ("--master-addr", "--master-port", "--nproc-per-node"))]  # every worker flag passes through as built
-    assert "--nproc-per-node=8" in local.localize(["torchrun", "--nproc-per-node=8"], port=1, cpu_ranks=None)
+    assert "--nproc-per-node=8" in local.localize(["python", "--nproc-per-node=8"], port=1, cpu_ranks=None)
 
     gen = manifests.generate_job(run, prefix, 0)["spec"]["template"]["spec"]["containers"][0]
     gen_argv = [*gen["command"], *gen["args"]]

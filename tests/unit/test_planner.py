@@ -189,11 +189,13 @@ def test_jobs_report_why_and_generation_input_errors_fail_the_job() -> None:
         assert pod["restartPolicy"] == "Never"  # a podFailurePolicy requires it
         assert [c["terminationMessagePolicy"] for c in pod["containers"]] == ["FallbackToLogsOnError"]
     disruption = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
-    assert gen["spec"]["podFailurePolicy"] == {"rules": [disruption, {
-        "action": "FailJob", "onExitCodes": {"containerName": "generate", "operator": "In", "values": [3]}}]}
+    for body, container in ((gen, "generate"), (train, "train")):
+        assert body["spec"]["podFailurePolicy"] == {"rules": [disruption, {
+            "action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [3]}}]}
     assert runtime.INPUT_EXIT == 3
-    # torchrun exits 1 whatever its ranks exited with: a rule on the reserved code could never match there.
-    assert train["spec"]["podFailurePolicy"] == {"rules": [disruption]}
+    # torchrun exits 1 whatever its ranks exited with: the gang wrapper passes the reserved code on.
+    (container,) = train["spec"]["template"]["spec"]["containers"]
+    assert [*container["command"], *container["args"][:2]] == ["python", "-m", "spin_k8s.workers.gang"]
 
 
 def test_failed_generation_says_the_workers_reason() -> None:

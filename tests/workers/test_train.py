@@ -393,3 +393,27 @@ def test_checkpoints_to_keep_defaults_to_two_and_must_keep_one() -> None:
     assert train.settings_from_args([*args, "--checkpoints-to-keep", "1"]).checkpoints_to_keep == 1
     with pytest.raises(runtime.UsageError, match="--checkpoints-to-keep"):
         train.settings_from_args([*args, "--checkpoints-to-keep", "0"])
+
+
+def test_a_ranks_input_error_is_the_training_pods_exit_code(tiny_assets: tiny.TinyAssets, synthetic: Path,
+                                                              tmp_path: Path) -> None:
+    """torchrun exits 1 whatever its ranks exit with; under the gang entrypoint a rank's input error (a model
+    with nothing under it) becomes the pod's INPUT_EXIT, which the Job fails at once on, and its reason is the
+    termination message. A crash stays a crash (torchrun's code), retried by the controller."""
+    def gang(*args: str) -> tuple[int, str]:
+        log = tmp_path / "termination-log"
+        log.write_text("")
+        proc = subprocess.run(
+            [sys.executable, "-m", "spin_k8s.workers.gang", "--standalone", "--nproc-per-node", "2",
+             "-m", "spin_k8s.workers.train", *args],
+            env=worker_env(tmp_path / "cache", {runtime.TERMINATION_LOG_ENV: str(log)}), capture_output=True,
+            text=True, timeout=300, check=False)
+        return proc.returncode, log.read_text()
+
+    missing = tmp_path / "no-model"
+    code, message = gang(*base_args(tiny_assets, synthetic, str(tmp_path / "out"))[2:], "--model", str(missing))
+    assert code == runtime.INPUT_EXIT, message
+    assert str(missing) in message
+    # A crash that is no input error: torchrun's own code (1), the controller's restart budget applies.
+    code, message = gang(*base_args(tiny_assets, synthetic, str(tmp_path / "out2")), "--micro-batch-size", "0")
+    assert code not in (0, runtime.INPUT_EXIT), message
