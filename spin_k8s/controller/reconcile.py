@@ -156,12 +156,19 @@ LOCKED_DOWN = StoragePolicy()  # the default: no custom endpoint, never the cont
 class Cache:
     """What the watches delivered, by (namespace, name): SpinRuns as dicts, Jobs and Services as client
     models. Reconciles read here instead of the API server; objects we create or write go in at once, so a
-    quick requeue does not miss them. Read-only for everyone but the watches and :class:`Reconciler`."""
+    quick requeue does not miss them. Read-only for everyone but the watches and :class:`Reconciler`.
+
+    Our own writes race the watch: the answer to a create can arrive after the watch already delivered the
+    object's deletion (a user deleting a Job the moment it appears), and the answer to a status write after a
+    newer version. So a put never brings back an object the watch saw deleted (its uid is remembered) and never
+    replaces a newer version of the same object (resourceVersions compared where they are numbers, as etcd's)."""
 
     KINDS = ("runs", "jobs", "services")
+    DELETED_KEPT = 16384  # uids of deleted objects remembered, the oldest forgotten first
 
     def __init__(self) -> None:
         self._items: dict[str, dict[tuple[str, str], Any]] = {k: {} for k in self.KINDS}
+        self._deleted: dict[str, None] = {}
         self._lock = threading.Lock()
         self.synced = {k: threading.Event() for k in self.KINDS}
 
@@ -171,6 +178,13 @@ class Cache:
         return ((meta.get("namespace") or "", meta["name"]) if isinstance(meta, dict)
                 else (meta.namespace or "", meta.name))
 
+    @staticmethod
+    def _version(obj: Any) -> tuple[str, int | None]:
+        meta = obj["metadata"] if isinstance(obj, dict) else obj.metadata
+        uid, rv = (meta.get("uid"), meta.get("resourceVersion")) if isinstance(meta, dict) else (
+            meta.uid, meta.resource_version)
+        return str(uid or ""), int(rv) if isinstance(rv, str) and rv.isdigit() else None
+
     def replace(self, kind: str, objects: list[Any]) -> None:
         """A fresh list: drops what disappeared while no watch was running."""
         with self._lock:
@@ -178,12 +192,26 @@ class Cache:
         self.synced[kind].set()
 
     def put(self, kind: str, obj: Any) -> None:
+        uid, rv = self._version(obj)
+        key = self._key(obj)
         with self._lock:
-            self._items[kind][self._key(obj)] = obj
+            if uid in self._deleted:
+                return
+            old = self._items[kind].get(key)
+            if old is not None:
+                old_uid, old_rv = self._version(old)
+                if old_uid == uid and rv is not None and old_rv is not None and old_rv > rv:
+                    return
+            self._items[kind][key] = obj
 
     def delete(self, kind: str, obj: Any) -> None:
+        uid, _ = self._version(obj)
         with self._lock:
             self._items[kind].pop(self._key(obj), None)
+            if uid:
+                self._deleted[uid] = None
+                if len(self._deleted) > self.DELETED_KEPT:
+                    del self._deleted[next(iter(self._deleted))]
 
     def get(self, kind: str, namespace: str, name: str) -> Any:
         with self._lock:
