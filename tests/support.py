@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,22 @@ def manifest(store: lineage.Store) -> dict[str, Any]:
     assert got is not None, "no lineage manifest"
     value: dict[str, Any] = json.loads(got[0])
     return value
+
+
+def metric(port: int, name: str, **labels: str) -> int:
+    """A controller's counter from its /metrics (``--metrics-bind=127.0.0.1:PORT``), summed over every label
+    set that has ``labels``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0
+    for found, value in re.findall(rf"^{name}(?:{{(.*)}})? (\S+)$", text, re.M):
+        if all(f'{k}="{v}"' in found for k, v in labels.items()):
+            total += int(float(value))
+    return total
+
+
+def unsuspend(api: client.ApiClient, namespace: str, name: str) -> None:
+    client.CustomObjectsApi(api).patch_namespaced_custom_object(G, V, namespace, P, name, {"spec": {"suspend": False}})
 
 
 def install_crd(api: client.ApiClient) -> None:

@@ -10,12 +10,10 @@ workers would have left in storage.
 from __future__ import annotations
 
 import contextlib
-import re
 import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,11 +39,13 @@ from support import (
     kill_pod_processes,
     kill_when_running,
     manifest,
+    metric,
     pods,
     reference_spec,
     run_store,
     spin_run,
     steps_normalized,
+    unsuspend,
     write_outputs,
 )
 
@@ -150,11 +150,9 @@ class Chaos:
     def reconciles(self, proc: Process) -> int:
         """How many reconciles ``proc`` finished (its /metrics); 0 before it serves them."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics[proc.popen.pid]}/metrics", timeout=2) as r:
-                text = r.read().decode()
+            return metric(self.metrics[proc.popen.pid], "spin_controller_reconciles_total")
         except OSError:
             return 0
-        return sum(int(m) for m in re.findall(r'^spin_controller_reconciles_total\{[^}]*\} (\d+)$', text, re.M))
 
     def holder(self) -> str | None:
         try:
@@ -395,10 +393,6 @@ def test_s3_outage_is_reported_without_restarts_and_the_lineage_is_the_reference
     assert steps_normalized(steps, prefix) == steps_normalized(reference.steps, reference.prefix)
     assert store_manifest["iterations"].keys() == {"0", "1"}
     assert s3b.secret_key not in yaml.safe_dump(run)  # no credential in status
-
-
-def unsuspend(api: client.ApiClient, namespace: str, name: str) -> None:
-    client.CustomObjectsApi(api).patch_namespaced_custom_object(G, V, namespace, P, name, {"spec": {"suspend": False}})
 
 
 def test_two_replicas_one_leads_and_a_standby_takes_over(api: client.ApiClient, crd: None, namespace: str,

@@ -10,7 +10,6 @@ what is under test is who writes, and when, not the workers.
 from __future__ import annotations
 
 import contextlib
-import re
 import signal
 import socket
 import time
@@ -21,7 +20,17 @@ from typing import Any
 
 import pytest
 from kubernetes import client, config
-from support import SIMULATED, Controllers, create_run, get_run, job_names, spin_run, write_outputs
+from support import (
+    SIMULATED,
+    Controllers,
+    create_run,
+    get_run,
+    job_names,
+    metric,
+    spin_run,
+    unsuspend,
+    write_outputs,
+)
 
 from spin_k8s import api as spin_api
 from spin_k8s.controller import manager
@@ -52,10 +61,6 @@ def healthz(port: int) -> int:
             return int(r.status)
     except urllib.error.HTTPError as e:
         return e.code
-
-
-def unsuspend(api: client.ApiClient, namespace: str, name: str) -> None:
-    client.CustomObjectsApi(api).patch_namespaced_custom_object(G, V, namespace, P, name, {"spec": {"suspend": False}})
 
 
 def suspended_run(api: client.ApiClient, namespace: str, assets: tiny.TinyAssets, s3_server: S3Server,
@@ -221,14 +226,6 @@ def test_relists_are_paginated(api: client.ApiClient, crd: None, namespace: str,
     assert sorted(r["metadata"]["name"] for r in runs) == [f"run-{i}" for i in range(5)] and rv
 
 
-def api_requests(port: int) -> dict[str, int]:
-    """A controller's API requests so far, by verb (its /metrics)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-        text = r.read().decode()
-    return {verb: int(n) for verb, n in re.findall(r'^spin_controller_api_requests_total\{verb="(\w+)"\} (\d+)$',
-                                                    text, re.M)}
-
-
 def test_watches_resume_where_they_ended_without_listing_again(namespace: str, crd: None,
                                                                controllers: Controllers) -> None:
     """The server ends each watch after 2 s here; each is started again from the last resourceVersion it saw
@@ -236,6 +233,6 @@ def test_watches_resume_where_they_ended_without_listing_again(namespace: str, c
     are the three first lists, however many watches ran."""
     port = free_port()
     controllers.start("--no-leader-elect", "--watch-timeout-seconds=2", f"--metrics-bind=127.0.0.1:{port}")
-    counts = controllers.wait("every watch to be resumed twice", lambda: (
-        c if (c := api_requests(port)).get("WATCH", 0) >= 9 else None), 60)
-    assert counts.get("GET") == 3, counts
+    controllers.wait("every watch to be resumed twice", lambda: metric(
+        port, "spin_controller_api_requests_total", verb="WATCH") >= 9, 60)
+    assert metric(port, "spin_controller_api_requests_total", verb="GET") == 3

@@ -4,11 +4,10 @@ Kubernetes API or to S3; its lineage is read again only every --storage-check-se
 from __future__ import annotations
 
 import time
-import urllib.request
 
 import pytest
 from kubernetes import client
-from support import Controllers, create_run, job_names, spin_run
+from support import Controllers, create_run, job_names, metric, spin_run
 
 from spin_k8s.testing.nodeagent import HANG_ANNOTATION
 from spin_k8s.testing.processes import free_port
@@ -18,15 +17,12 @@ from spin_k8s.workers import tiny
 pytestmark = [pytest.mark.cluster, pytest.mark.s3]
 
 
+COUNTERS = ("spin_controller_reconciles_total", "spin_controller_s3_requests_total",
+            "spin_controller_api_requests_total")
+
+
 def counters(port: int) -> dict[str, int]:
-    """The controller's /metrics, summed by metric name (every label set)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        totals: dict[str, int] = {}
-        for line in r.read().decode().splitlines():
-            if line and not line.startswith("#"):
-                name = line.split("{", 1)[0].split(" ", 1)[0]
-                totals[name] = totals.get(name, 0) + int(float(line.rsplit(" ", 1)[1]))
-        return totals
+    return {name: metric(port, name) for name in COUNTERS}
 
 
 @pytest.mark.parametrize("check", [600, 2])
@@ -44,7 +40,7 @@ def test_an_idle_run_is_replanned_without_requests_and_its_storage_checked_as_co
     time.sleep(12)  # about 12 resyncs of an idle run
     after = counters(port)
     reconciles = after["spin_controller_reconciles_total"] - before["spin_controller_reconciles_total"]
-    s3 = after.get("spin_controller_s3_requests_total", 0) - before.get("spin_controller_s3_requests_total", 0)
+    s3 = after["spin_controller_s3_requests_total"] - before["spin_controller_s3_requests_total"]
     kube = after["spin_controller_api_requests_total"] - before["spin_controller_api_requests_total"]
     assert reconciles >= 8, (reconciles, before, after)
     assert kube == 0, (before, after)  # reads come from the watch caches; nothing changed, nothing written

@@ -8,7 +8,6 @@ Simulated pods (the node agent's annotations): these tests are about orchestrati
 from __future__ import annotations
 
 import time
-import urllib.request
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from support import (
     create_run,
     get_run,
     job_names,
+    metric,
     spin_run,
     write_outputs,
 )
@@ -54,12 +54,6 @@ def warnings(api: client.ApiClient, namespace: str, reason: str) -> list[client.
             if e.involved_object.kind == spin_api.KIND and e.reason == reason]
 
 
-def reconcile_errors(port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return sum(int(float(line.rsplit(" ", 1)[1])) for line in r.read().decode().splitlines()
-                   if line.startswith("spin_controller_reconciles_total") and 'result="error"' in line)
-
-
 def test_a_refused_job_is_a_condition_with_the_servers_words_backed_off_then_the_run_goes_on(
         api: client.ApiClient, crd: None, namespace: str, controllers: Controllers, s3_secret: str,
         assets: tiny.TinyAssets, s3_server: S3Server, bucket: str) -> None:
@@ -80,9 +74,9 @@ def test_a_refused_job_is_a_condition_with_the_servers_words_backed_off_then_the
         "Pending", "JobCreationFailed", [])
 
     # Backed off: over a 12 s window a retry loop at the work queue's pace would reconcile hundreds of times.
-    before = reconcile_errors(port)
+    before = metric(port, "spin_controller_reconciles_total", result="error")
     time.sleep(12)
-    assert reconcile_errors(port) - before <= 6
+    assert metric(port, "spin_controller_reconciles_total", result="error") - before <= 6
     assert len(warnings(api, namespace, "JobCreationFailed")) == 1  # one event, not one per retry
 
     client.CoreV1Api(api).delete_namespaced_resource_quota("no-jobs", namespace)
