@@ -136,6 +136,11 @@ def sweep(state: dict[str, Any]) -> None:
         # The imported images and container layers (GiBs per node, and a test session starts several): a
         # later start imports afresh, and the logs stay.
         shutil.rmtree(Path(root) / "containerd" / "root", ignore_errors=True)
+    # The pods' veths, deleted here rather than left to the kernel: a pod's network namespace, once unmounted
+    # below, is destroyed asynchronously, and its veth with it, some time after this returns.
+    ports = _run("ip", "-o", "link", "show", "master", BRIDGE, check=False).stdout
+    for port in re.findall(r"^\d+: ([^:@]+)", ports, re.M):
+        _run("ip", "link", "delete", port, check=False)
     for netns in Path("/run/netns").glob("cni-*"):
         _run("umount", str(netns), check=False)
         netns.unlink(missing_ok=True)

@@ -49,8 +49,11 @@ class UsageError(ValueError):
 
 
 def log(**fields: Any) -> None:
-    """One JSON object per stdout line: the workers' machine-readable log."""
-    print(json.dumps(fields, separators=(",", ":"), default=str), flush=True)
+    """One JSON object per stdout line: the workers' machine-readable log. One write per line: the ranks of a
+    node share the container's stdout, and ``print`` writes the text and its newline apart (two writes when
+    unbuffered), so two ranks' lines could run into one."""
+    sys.stdout.write(json.dumps(fields, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.flush()
 
 
 def write_termination_message(message: str) -> None:
