@@ -311,7 +311,7 @@ class LocalJob:
             role=labels[naming.LABEL_ROLE], attempt=int(labels.get(naming.LABEL_ATTEMPT, "0")),
             state="suspended" if self.suspended and self.state == "active" else self.state,
             succeeded=sum(self.succeeded), failed=sum(self.failures), reason=self.reason, message=self.message,
-            started=self.started, finished=self.finished,
+            started=self.started, finished=self.finished, stopped=self.suspended,  # only the planner suspends here
             image=self.body["spec"]["template"]["spec"]["containers"][0]["image"])
 
     def indexes(self) -> list[IndexState]:

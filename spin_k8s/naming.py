@@ -19,6 +19,10 @@ LABEL_ROLE = "selfplay.dev/role"
 LABEL_ATTEMPT = "selfplay.dev/attempt"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"  # on the Workload Kueue makes for a Job
+# On a Job that the controller stopped because its run was suspended (`spinctl cancel`): resuming the run
+# resumes these Jobs and no other (a Job suspended by someone else, Kueue above all, is theirs to resume).
+ANNOTATION_STOPPED = "selfplay.dev/stopped"
 
 _DNS_LABEL = 63
 _INDEX_ROOM = 6  # "-" and up to 5 digits of completion index

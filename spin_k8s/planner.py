@@ -46,6 +46,7 @@ class JobView:
     # Of an active Job with no pod: why the Job controller could not create one (admission, quota: the API
     # server's words from its FailedCreate event; "" when it could or nobody said).
     create_error: str = ""
+    stopped: bool = False  # suspended by this controller for spec.suspend (naming.ANNOTATION_STOPPED)
 
     @property
     def permanent(self) -> bool:
@@ -70,12 +71,6 @@ class Observed:
 
     def attempts(self, iteration: int, role: str) -> list[JobView]:
         return sorted((j for j in self.jobs if j.iteration == iteration and j.role == role), key=lambda j: j.attempt)
-
-    def active(self) -> list[JobView]:
-        return [j for j in self.jobs if j.state == "active"]
-
-    def suspended(self) -> list[JobView]:
-        return [j for j in self.jobs if j.state == "suspended"]
 
 
 @dataclass(frozen=True)
@@ -106,8 +101,14 @@ class CreateService:
 
 @dataclass(frozen=True)
 class SuspendJob:
+    """Stop (``suspend``) a Job for spec.suspend, or resume one this controller stopped. ``kueue_uid``: the run
+    has a queueName, so Kueue owns the Job's suspend field (it unsuspends a Job it admitted that anyone else
+    suspends): the Job's Workload, found by this Job uid, is deactivated or activated instead, and Kueue stops
+    or requeues the Job itself."""
+
     name: str
     suspend: bool
+    kueue_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ class _Progress:
     events: list[Event] = field(default_factory=list)
     made: dict[tuple[int, str], int] = field(default_factory=dict)  # attempts made, counting this plan's creates
     stalled: bool = False  # waiting on something only a person can fix (pods refused): not Progressing
+    queued: str = ""  # why the current step's Job waits suspended by someone else (Kueue), "" when it does not
 
 
 def generate_record(run: api.SpinRun, prefix: str, job: JobView, output: dict[str, Any]) -> dict[str, Any]:
@@ -246,6 +248,13 @@ def _step(run: api.SpinRun, prefix: str, obs: Observed, lineage: Lineage, t: int
         p.message = f"{final}; `spinctl resume` grants another round"
         return False
     assert latest is not None  # made > 0 and not deleted
+    if latest.state == "suspended" and not latest.stopped:
+        p.queued = (f"Job {latest.name} waits for admission by Kueue (LocalQueue {run.spec.queue_name})"
+                    if run.spec.queue_name else
+                    f"Job {latest.name} is suspended by another controller (Kueue managing Jobs without a queue "
+                    "name?): it runs when that one resumes it")
+        p.reason, p.message = "Queued", p.queued
+        return False
     if latest.state != "complete":
         if latest.create_error:
             p.reason, p.message = "PodCreationFailed", f"Job {latest.name}: {latest.create_error}"
@@ -283,10 +292,14 @@ def plan(run: api.SpinRun, obs: Observed, lineage: Lineage, now: str, invalid: s
         p.reason, p.message = lineage.error_reason, lineage.error
     elif run.spec.suspend:
         p.phase, p.reason, p.message = SUSPENDED, "Suspended", "spec.suspend is true: no Job runs"
-        p.actions += [SuspendJob(j.name, True) for j in obs.active()]
+        kueue = bool(run.spec.queue_name)
+        # Through Kueue a queued Job is stopped too: its deactivated Workload is not admitted meanwhile.
+        p.actions += [SuspendJob(j.name, True, j.uid if kueue else "") for j in obs.jobs if not j.stopped and (
+            j.state == "active" or (kueue and j.state == "suspended"))]
     else:
-        if not run.spec.queue_name:  # with Kueue, Kueue decides when a Job runs
-            p.actions += [SuspendJob(j.name, False) for j in obs.suspended()]
+        # Only what spec.suspend stopped: a Job suspended by anyone else (Kueue) is theirs to resume.
+        p.actions += [SuspendJob(j.name, False, j.uid if run.spec.queue_name else "") for j in obs.jobs
+                      if j.stopped and j.state in ("active", "suspended")]
         p.reason = p.message = ""
         finished = True
         for t in range(run.spec.iterations):
@@ -315,6 +328,8 @@ def plan(run: api.SpinRun, obs: Observed, lineage: Lineage, now: str, invalid: s
         _condition(old, "Succeeded", p.phase == SUCCEEDED, p.reason or p.phase, p.message, gen, now),
         _condition(old, "Failed", p.phase == FAILED, p.reason or p.phase, p.message, gen, now),
         _condition(old, "Suspended", p.phase == SUSPENDED, p.reason or p.phase, p.message, gen, now),
+        _condition(old, "Queued", bool(p.queued) and p.phase not in (SUSPENDED, SUCCEEDED, FAILED),
+                   "WaitingForAdmission" if p.queued else "NotQueued", p.queued, gen, now),
         _condition(old, "StorageAvailable", storage_ok, lineage.error_reason if not storage_ok else "Reachable",
                    lineage.error or "", gen, now),
     ]

@@ -259,9 +259,11 @@ _VERBS = {"read": ("get",), "list": ("list", "watch"), "create": ("create",), "p
           "replace": ("update",), "delete": ("delete",)}
 _CALL = re.compile(r"\.(read|list|create|patch|replace|delete)_(?:namespaced_|cluster_)?(\w+?)"
                    r"(?:_for_all_namespaces)?\b")
+# A custom-object call on Kueue's Workloads (named in the call) rather than on SpinRuns.
+_KUEUE_WORKLOADS = ("kueue.x-k8s.io", "workloads")
 # Listed without a watch: a failed Job's pods, once, for their termination messages; the events of a Job that
-# lacks pods, for why they were refused.
-_UNWATCHED = {("", "pods", "watch"), ("", "events", "watch")}
+# lacks pods, for why they were refused; a Job's Kueue Workload, when a run is cancelled or resumed.
+_UNWATCHED = {("", "pods", "watch"), ("", "events", "watch"), (*_KUEUE_WORKLOADS, "watch")}
 # Granted without a call of their own, each for a reason the chart's templates/rbac.yaml states.
 _EXTRA = {(spin_api.GROUP, spin_api.PLURAL, "get"), (spin_api.GROUP, f"{spin_api.PLURAL}/finalizers", "update")}
 
@@ -269,9 +271,13 @@ _EXTRA = {(spin_api.GROUP, spin_api.PLURAL, "get"), (spin_api.GROUP, f"{spin_api
 def controller_calls() -> set[tuple[str, str, str]]:
     needed = set()
     for source in (ROOT / "spin_k8s" / "controller").glob("*.py"):
-        for verb, kind in _CALL.findall(source.read_text()):
+        text = source.read_text()
+        for call in _CALL.finditer(text):
+            verb, kind = call.groups()
             assert kind in _RESOURCES, f"{source.name}: a call on {kind!r}: map it to an RBAC rule in this test"
-            needed |= {(*_RESOURCES[kind], v) for v in _VERBS[verb]}
+            arguments = text[call.end():text.index(")", call.end())]
+            resource = _KUEUE_WORKLOADS if '"workloads"' in arguments else _RESOURCES[kind]
+            needed |= {(*resource, v) for v in _VERBS[verb]}
     return needed
 
 

