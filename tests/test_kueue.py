@@ -125,7 +125,7 @@ def test_a_job_kueue_holds_without_a_queue_name_is_left_suspended_and_the_run_sa
     job = generate_job(api, ns, "unqueued")
     assert job is not None
     # manageJobsWithoutQueueName: Kueue suspended the Job it found running, and has no queue to admit it to.
+    assert all(stays_suspended(api, ns, job.metadata.name, 8)), kueue_env.describe(kueue.workloads(ns))
     assert any(w["metadata"]["labels"].get(naming.LABEL_KUEUE_JOB_UID) == job.metadata.uid
                for w in kueue.workloads(ns))
-    assert all(stays_suspended(api, ns, job.metadata.name, 8))
     assert get_run(api, ns, "unqueued")["status"]["phase"] == "Generating"
