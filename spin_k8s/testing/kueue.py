@@ -14,6 +14,7 @@ deactivation, manageJobsWithoutQueueName) is Kueue's own code.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import urllib.request
 from dataclasses import dataclass, field
@@ -78,9 +79,11 @@ class Kueue:
             self.root / "logs", env={"KUBECONFIG": str(self.kubeconfig), "PATH": "/usr/bin:/bin"})
         # What a kubelet does with the Secret volume of Kueue's Deployment: the certificates the rotator wrote
         # into the Secret become files in certDir, where the rotator and the webhook server look for them.
-        secret = wait_until("Kueue's certificates", lambda: (core.read_namespaced_secret(
-            "kueue-webhook-server-cert", NAMESPACE).data or {}).get("tls.key") and core.read_namespaced_secret(
-            "kueue-webhook-server-cert", NAMESPACE).data, 60, [self.process])
+        def filled() -> dict[str, str]:
+            data: dict[str, str] = core.read_namespaced_secret("kueue-webhook-server-cert", NAMESPACE).data or {}
+            return data if "tls.key" in data else {}
+
+        secret = wait_until("Kueue's certificates", filled, 60, [self.process])
         certs = self.root / "certs"
         certs.mkdir(mode=0o700, exist_ok=True)
         for name, value in secret.items():
@@ -97,11 +100,13 @@ class Kueue:
                     "conversionReviewVersions": ["v1"],
                     "clientConfig": {"url": f"https://127.0.0.1:{webhook}/convert"}}}
             extensions.create_custom_resource_definition(crd)
+        def established(name: str) -> bool:
+            return any(c.type == "Established" and c.status == "True"
+                       for c in extensions.read_custom_resource_definition(name).status.conditions or [])
+
         for path in tools.kueue_crds().glob("*.yaml"):
             name = yaml.safe_load(path.read_text())["metadata"]["name"]
-            wait_until(f"CRD {name} established", lambda n=name: any(
-                c.type == "Established" and c.status == "True"
-                for c in extensions.read_custom_resource_definition(n).status.conditions or []), 30)
+            wait_until(f"CRD {name} established", functools.partial(established, name), 30)
 
     def queue(self, namespace: str, name: str, quota: dict[str, str]) -> None:
         """A ClusterQueue ``name`` with ``quota`` for one flavor, and a LocalQueue ``name`` in ``namespace``."""
@@ -121,8 +126,9 @@ class Kueue:
             "spec": {"clusterQueue": name}})
 
     def workloads(self, namespace: str) -> list[dict[str, Any]]:
-        return client.CustomObjectsApi(self.api).list_namespaced_custom_object(
+        items: list[dict[str, Any]] = client.CustomObjectsApi(self.api).list_namespaced_custom_object(
             GROUP, VERSION, namespace, "workloads")["items"]
+        return items
 
     def stop(self) -> None:
         if self.process is not None:

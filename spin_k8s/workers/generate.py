@@ -128,6 +128,60 @@ def vllm_engine_args(model_dir: Path, settings: GenerateSettings, max_model_len:
             "tensor_parallel_size": settings.tensor_parallel_size}
 
 
+class DoesNotFit(data.DataError):
+    """The model cannot run in one shard's memory: an input error (exit 3, not retried), as a retry on the same
+    GPUs cannot succeed; the message says how much is needed and how much there is."""
+
+
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+_GIB = 1024**3
+
+
+def memory_shortfall(config: dict[str, Any], weight_bytes: int, dtype: str, max_model_len: int,
+                     tensor_parallel_size: int, budget_per_device: float, on_gpu: bool) -> str | None:
+    """Why one ``max_model_len``-token sequence cannot run in a shard's memory, or None. What vLLM must hold per
+    device at the least: on a GPU its share of the weights (in the engine's dtype) and of one sequence's KV
+    cache; on CPU the KV cache alone (the weights live in host RAM outside the KV share). Activations and CUDA
+    graphs come on top, so passing this check is necessary, not sufficient: it names the clear cases before
+    vLLM starts, in numbers (vLLM's own error, raised in its engine process, reaches the pod's log only)."""
+    size = _DTYPE_BYTES.get(dtype, 2)
+    stored = _DTYPE_BYTES.get(str(config.get("dtype") or config.get("torch_dtype") or dtype), size)
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    kv = 2 * int(config["num_hidden_layers"]) * int(config.get("num_key_value_heads") or heads) * head_dim * size
+    kv *= max_model_len
+    weights = weight_bytes * size // stored
+    need = (kv + (weights if on_gpu else 0)) / tensor_parallel_size
+    if need <= budget_per_device:
+        return None
+    held = (f"weights {_size(weights)} in {dtype} + " if on_gpu else "") + \
+        f"the KV cache of one {max_model_len}-token sequence {_size(kv)}"
+    where = "GPU" if on_gpu else "engine (its KV-cache share of host RAM)"
+    return (f"does not fit one shard: {_size(need)} per {where} needed ({held}, over tensor_parallel_size "
+            f"{tensor_parallel_size}), {_size(budget_per_device)} available; give each shard more GPUs "
+            "(spec.generation.gpusPerShard), a larger memory share, or shorter sequences (spec.training.maxLength)")
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", _GIB), ("MiB", 1024**2)):
+        if n >= scale / 10:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
+
+
+def memory_budget(settings: GenerateSettings, on_gpu: bool) -> float:
+    """Bytes vLLM may use per device: its memory share of each of the shard's GPUs (the smallest), or on CPU
+    of host RAM (VLLM_CPU_KVCACHE_SPACE, in GiB, where set: vLLM's CPU backend takes that instead)."""
+    import torch
+
+    share = settings.gpu_memory_utilization or (0.9 if on_gpu else 0.1)
+    if on_gpu:
+        return share * min(torch.cuda.mem_get_info(i)[1] for i in range(settings.tensor_parallel_size))
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return float(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * _GIB
+    return share * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class VllmEngine:
     """vLLM's offline ``LLM``. On CPU: eager mode, a small KV-cache share and both cores (FACTS.md)."""
 
@@ -141,7 +195,14 @@ class VllmEngine:
         self.version = str(vllm.__version__)
         self._vllm = vllm
         self._eos = eos
-        self.llm = vllm.LLM(**vllm_engine_args(model_dir, settings, max_model_len, on_gpu))
+        engine_args = vllm_engine_args(model_dir, settings, max_model_len, on_gpu)
+        weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+        problem = memory_shortfall(json.loads((model_dir / "config.json").read_text()), weights,
+                                   str(engine_args["dtype"]), max_model_len, settings.tensor_parallel_size,
+                                   memory_budget(settings, on_gpu), on_gpu)
+        if problem:
+            raise DoesNotFit(f"{settings.model}: {problem}")
+        self.llm = vllm.LLM(**engine_args)
 
     def _prompts(self, ids: list[list[int]]) -> list[Any]:
         return [self._vllm.inputs.TokensPrompt(prompt_token_ids=p) for p in ids]

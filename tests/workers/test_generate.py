@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from spin_k8s import storage
 from spin_k8s.workers import batching, data, generate, tiny, train
 
-from .helpers import MAX_LENGTH, MAX_PROMPT_LENGTH, generate_args, worker_env
+from .helpers import MAX_LENGTH, MAX_PROMPT_LENGTH, MAX_TOKENS, generate_args, worker_env
 
 
 def train_settings(**overrides: object) -> train.TrainSettings:
@@ -228,3 +228,40 @@ def test_vllm_engine(tiny_assets: tiny.TinyAssets, tmp_path: Path) -> None:
     # vLLM's own dtype "auto" would have run the float32 checkpoint in bfloat16: ~4e-3 per token).
     check_greedy_is_argmax_of_training_forward(tiny_assets, tmp_path / "greedy", tol=1e-4)
     check_scores_match_trainer(tiny_assets, tmp_path / "a", tol=1e-3)
+
+
+def test_a_model_that_does_not_fit_a_shard_says_so_in_numbers_and_is_not_retried(
+        tiny_assets: tiny.TinyAssets, tmp_path: Path) -> None:
+    """vLLM's own error would be raised in its engine process and reach the parent as "Engine core initialization
+    failed. See root cause above": the worker checks first and exits as an input error (3: the Job's
+    podFailurePolicy fails it at once) with the numbers in its termination message. On CPU the engine's memory
+    is its KV-cache share of host RAM: a share of 1e-7 (about 2.5 KiB here) cannot hold one sequence."""
+    require_vllm()
+    term = tmp_path / "termination-log"
+    term.touch()
+    args = generate_args(tiny_assets, tmp_path / "out", "--gpu-memory-utilization", "1e-7", engine="vllm")
+    env = worker_env(tmp_path / "cache", {"TERMINATION_MESSAGE_PATH": str(term)})
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    proc = subprocess.run([sys.executable, "-m", "spin_k8s.workers.generate", *args], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    message = term.read_text().strip()
+    # 2 layers x 2 (K and V) x 1 KV head x 64 dims x 4 bytes (float32) = 1 KiB per token of the longest sequence
+    tokens = max(MAX_PROMPT_LENGTH + MAX_TOKENS, MAX_LENGTH) + 1
+    assert message.startswith(f"{tiny_assets.model_dir}: does not fit one shard: {tokens}.0 KiB per engine"), message
+    assert "(spec.generation.gpusPerShard)" in message and "\n" not in message
+    assert not (tmp_path / "out").exists(), "nothing may be written"
+
+
+@pytest.mark.parametrize(("gpus", "fits"), [(1, False), (2, True), (4, True)])
+def test_70b_on_80_gb_gpus_fits_a_shard_of_two_not_of_one(gpus: int, fits: bool) -> None:
+    """The arithmetic on a GPU (docs/scaling.md): Llama-2-70B in bfloat16 (~138 GB of weights) and the KV cache
+    of one 4096-token sequence (1.25 GiB: 80 layers x 2 x 8 KV heads x 128 x 2 bytes per token) against 0.9 of
+    an 80 GB GPU per tensor-parallel rank."""
+    config = {"num_hidden_layers": 80, "hidden_size": 8192, "num_attention_heads": 64, "num_key_value_heads": 8,
+              "dtype": "bfloat16"}
+    problem = generate.memory_shortfall(config, 137_953_316_864, "bfloat16", 4096, gpus, 0.9 * 80e9, on_gpu=True)
+    assert (problem is None) == fits, problem
+    if not fits:
+        assert problem is not None
+        assert f"over tensor_parallel_size {gpus}" in problem and "67.1 GiB available" in problem
