@@ -40,10 +40,12 @@ def missing(installed: dict[str, Any]) -> list[str]:
     return sorted(set(property_paths(api.schema())) - set(property_paths(served)))
 
 
-def problem(api_client: client.ApiClient) -> str | None:
-    """Why this controller must not run against the cluster's CRD, in one line; None when it may."""
+def problem(api_client: client.ApiClient, timeout: float) -> str | None:
+    """Why this controller must not run against the cluster's CRD, in one line; None when it may. ``timeout``:
+    seconds for connecting and for the answer (this runs before the manager gives every request its timeout)."""
     try:
-        installed = client.ApiextensionsV1Api(api_client).read_custom_resource_definition(CRD_NAME)
+        installed = client.ApiextensionsV1Api(api_client).read_custom_resource_definition(
+            CRD_NAME, _request_timeout=(timeout, timeout))
     except ApiException as e:
         if e.status == 404:
             return f"the SpinRun CRD {CRD_NAME} is not installed: {UPGRADE}"

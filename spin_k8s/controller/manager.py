@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
     api_client = (config.new_client_from_config(config_file=kubeconfig) if kubeconfig
                   else _incluster())
-    refused = crdcheck.problem(api_client)
+    refused = crdcheck.problem(api_client, args.request_timeout_seconds)
     if refused:
         log.error("refusing to start: %s", refused)
         return 1
