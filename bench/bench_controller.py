@@ -38,6 +38,7 @@ import yaml
 from kubernetes import client, config, watch
 
 from spin_k8s import api, naming
+from spin_k8s.workers import data
 from spin_k8s.testing.cluster import Cluster
 from spin_k8s.testing.nodeagent import EXIT_CODE_ANNOTATION, HANG_ANNOTATION
 from spin_k8s.testing.processes import free_port, wait_until
@@ -63,9 +64,11 @@ def write_outputs(s3: Any, uid: str, name: str, iterations: int) -> None:
     prefix = naming.run_prefix("s3://bench/spin", NS, name, uid).removeprefix("s3://bench/")
     for t in range(iterations):
         for i in range(SHARDS):
-            record = {"sha256": "0" * 64, "rows": 1, "engine": "simulated", "model_digest": "0" * 64}
-            key = f"{prefix}/i{t}/synthetic/shard-{i:05d}-of-{SHARDS:05d}.jsonl.done.json"
-            s3.put_object(Bucket="bench", Key=key, Body=json.dumps(record).encode())
+            record = data.ShardRecord(shard=i, num_shards=SHARDS, rows=1, sha256="0" * 64, engine="simulated",
+                                      engine_version="0", sampling={}, model="simulated", model_digest="0" * 64,
+                                      scored=False, max_prompt_length=0, max_length=0, data="simulated")
+            key = f"{prefix}/i{t}/synthetic/{data.done_name(i, SHARDS)}"
+            s3.put_object(Bucket="bench", Key=key, Body=record.to_json().encode())
         s3.put_object(Bucket="bench", Key=f"{prefix}/i{t}/model/metrics.json",
                       Body=json.dumps({"final": {"loss": 0.5}}).encode())
 

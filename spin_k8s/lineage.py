@@ -188,10 +188,12 @@ def step_outputs(store: Store, run: api.SpinRun, prefix: str, jobs: Iterable[pla
                 got = store.get(f"{sub}{data.done_name(s, run.spec.generation.shards)}")
                 if got is None:
                     break
-                rec = json.loads(got[0])
+                # Read as the workers read it: a record an older worker image wrote lacks the newer fields,
+                # and ShardRecord gives them the values they meant then.
+                rec = data.ShardRecord.from_json(got[0])
                 records.append({"uri": f"{naming.synthetic_uri(prefix, j.iteration)}/{name}",
-                                "sha256": rec["sha256"], "rows": rec["rows"], "engine": rec["engine"],
-                                "modelDigest": rec["model_digest"], "lengthStopped": rec["length_stopped"]})
+                                "sha256": rec.sha256, "rows": rec.rows, "engine": rec.engine,
+                                "modelDigest": rec.model_digest, "lengthStopped": rec.length_stopped})
             complete = len(records) == run.spec.generation.shards
             # Samples cut at maxTokens: no end-of-turn token follows them, in scoring and training.
             total = {"lengthStopped": sum(r["lengthStopped"] for r in records)}

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from spin_k8s import lineage
+from spin_k8s import api, lineage, naming, planner
 from spin_k8s.testing.s3 import S3Server
+from spin_k8s.workers import data
 
 RUN = {"name": "demo", "namespace": "ns", "uid": "u-1"}
 
@@ -57,3 +58,22 @@ def test_stale_etag_is_refused(s3_server: S3Server, bucket: str, tmp_path: Path)
         assert store.put("m.json", b"2", etag=etag)
         assert not store.put("m.json", b"3", etag=etag)  # stale
         assert store.get("m.json")[0] == b"2"  # type: ignore[index]
+
+
+def test_a_shard_record_of_an_older_worker_image_is_read_with_the_defaults_it_meant(tmp_path: Path) -> None:
+    """A run whose generation Job ran an image from before ``length_stopped`` existed, completed after the
+    controller was upgraded: its step is recorded (lengthStopped 0), not a reconcile that fails forever."""
+    run = api.parse(api.load_defaulted({
+        "apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "demo", "namespace": "ns", "uid": "u-1"},
+        "spec": {"model": "s3://b/base", "dataset": "s3://b/sft.jsonl", "iterations": 1, "storage": {"uri": "s3://b/spin"},
+                 "generation": {"shards": 1}}}))
+    store = lineage.FileStore(tmp_path)
+    old = {"shard": 0, "num_shards": 1, "rows": 3, "sha256": "a" * 64, "engine": "vllm", "engine_version": "0.8",
+           "sampling": {}, "model": "s3://b/base", "model_digest": "b" * 64, "scored": True,
+           "max_prompt_length": 512, "max_length": 1024, "data": "s3://b/sft.jsonl"}
+    assert store.put(f"i0/synthetic/{data.done_name(0, 1)}", json.dumps(old).encode(), etag=None)
+    job = planner.JobView("demo-i0-gen", "uid", 0, naming.GENERATE, 0, "complete")
+    outputs = lineage.step_outputs(store, run, "s3://b/spin/ns/demo/u-1", [job], {})
+    output = outputs[(0, naming.GENERATE)]
+    assert output is not None and output["lengthStopped"] == 0
+    assert [(r["rows"], r["engine"], r["lengthStopped"]) for r in output["shards"]] == [(3, "vllm", 0)]
