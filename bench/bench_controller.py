@@ -38,11 +38,11 @@ import yaml
 from kubernetes import client, config, watch
 
 from spin_k8s import api, naming
-from spin_k8s.workers import data
 from spin_k8s.testing.cluster import Cluster
 from spin_k8s.testing.nodeagent import EXIT_CODE_ANNOTATION, HANG_ANNOTATION
 from spin_k8s.testing.processes import free_port, wait_until
 from spin_k8s.testing.s3 import S3Server
+from spin_k8s.workers import data
 
 CRD = Path(__file__).parent.parent / "manifests" / "crd" / "spinruns.selfplay.dev.yaml"
 NS = "bench"

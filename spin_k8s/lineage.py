@@ -182,7 +182,7 @@ def step_outputs(store: Store, run: api.SpinRun, prefix: str, jobs: Iterable[pla
             continue
         if j.role == naming.GENERATE:
             sub = f"i{j.iteration}/synthetic/"
-            records = []
+            records, length_stopped = [], 0
             for s in range(run.spec.generation.shards):
                 name = data.shard_name(s, run.spec.generation.shards)
                 got = store.get(f"{sub}{data.done_name(s, run.spec.generation.shards)}")
@@ -194,10 +194,10 @@ def step_outputs(store: Store, run: api.SpinRun, prefix: str, jobs: Iterable[pla
                 records.append({"uri": f"{naming.synthetic_uri(prefix, j.iteration)}/{name}",
                                 "sha256": rec.sha256, "rows": rec.rows, "engine": rec.engine,
                                 "modelDigest": rec.model_digest, "lengthStopped": rec.length_stopped})
+                length_stopped += rec.length_stopped
             complete = len(records) == run.spec.generation.shards
             # Samples cut at maxTokens: no end-of-turn token follows them, in scoring and training.
-            total = {"lengthStopped": sum(r["lengthStopped"] for r in records)}
-            outputs[(j.iteration, j.role)] = {"shards": records, **total} if complete else None
+            outputs[(j.iteration, j.role)] = {"shards": records, "lengthStopped": length_stopped} if complete else None
         else:
             got = store.get(f"i{j.iteration}/model/metrics.json")
             metrics = json.loads(got[0]) if got else None
