@@ -137,24 +137,31 @@ _DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2
 _GIB = 1024**3
 
 
-def memory_shortfall(config: dict[str, Any], weight_bytes: int, dtype: str, max_model_len: int,
+def kv_bytes_per_token(config: Any, dtype: str) -> int | None:
+    """Bytes of K and V one token takes in the KV cache of a model with this (transformers) config, in
+    ``dtype``; None where the config does not say (the check below is then skipped, vLLM's error stands)."""
+    text = config.get_text_config()
+    layers, heads = getattr(text, "num_hidden_layers", None), getattr(text, "num_attention_heads", None)
+    if not layers or not heads:
+        return None
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return 2 * int(layers) * int(kv_heads) * int(head_dim) * _DTYPE_BYTES.get(dtype, 2)
+
+
+def memory_shortfall(weight_bytes: int, kv_per_token: int, dtype: str, max_model_len: int,
                      tensor_parallel_size: int, budget_per_device: float, on_gpu: bool) -> str | None:
     """Why one ``max_model_len``-token sequence cannot run in a shard's memory, or None. What vLLM must hold per
-    device at the least: on a GPU its share of the weights (in the engine's dtype) and of one sequence's KV
-    cache; on CPU the KV cache alone (the weights live in host RAM outside the KV share). Activations and CUDA
-    graphs come on top, so passing this check is necessary, not sufficient: it names the clear cases before
-    vLLM starts, in numbers (vLLM's own error, raised in its engine process, reaches the pod's log only)."""
-    size = _DTYPE_BYTES.get(dtype, 2)
-    stored = _DTYPE_BYTES.get(str(config.get("dtype") or config.get("torch_dtype") or dtype), size)
-    heads = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
-    kv = 2 * int(config["num_hidden_layers"]) * int(config.get("num_key_value_heads") or heads) * head_dim * size
-    kv *= max_model_len
-    weights = weight_bytes * size // stored
-    need = (kv + (weights if on_gpu else 0)) / tensor_parallel_size
+    device at the least: on a GPU its share of the weights (``weight_bytes`` as the engine holds them, in
+    ``dtype``) and of one sequence's KV cache; on CPU the KV cache alone (the weights live in host RAM outside
+    the KV share). Activations and CUDA graphs come on top, so passing this check is necessary, not sufficient:
+    it names the clear cases before vLLM starts, in numbers (vLLM's own error, raised in its engine process,
+    reaches the pod's log only)."""
+    kv = kv_per_token * max_model_len
+    need = (kv + (weight_bytes if on_gpu else 0)) / tensor_parallel_size
     if need <= budget_per_device:
         return None
-    held = (f"weights {_size(weights)} in {dtype} + " if on_gpu else "") + \
+    held = (f"weights {_size(weight_bytes)} in {dtype} + " if on_gpu else "") + \
         f"the KV cache of one {max_model_len}-token sequence {_size(kv)}"
     where = "GPU" if on_gpu else "engine (its KV-cache share of host RAM)"
     return (f"does not fit one shard: {_size(need)} per {where} needed ({held}, over tensor_parallel_size "
@@ -196,13 +203,22 @@ class VllmEngine:
         self._vllm = vllm
         self._eos = eos
         engine_args = vllm_engine_args(model_dir, settings, max_model_len, on_gpu)
-        weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-        problem = memory_shortfall(json.loads((model_dir / "config.json").read_text()), weights,
-                                   str(engine_args["dtype"]), max_model_len, settings.tensor_parallel_size,
+        self._check_fit(model_dir, settings, str(engine_args["dtype"]), max_model_len, on_gpu)
+        self.llm = vllm.LLM(**engine_args)
+
+    @staticmethod
+    def _check_fit(model_dir: Path, settings: GenerateSettings, dtype: str, max_model_len: int, on_gpu: bool) -> None:
+        from transformers import AutoConfig
+
+        kv_per_token = kv_bytes_per_token(AutoConfig.from_pretrained(model_dir), dtype)
+        if kv_per_token is None:
+            return
+        stored = _DTYPE_BYTES.get(checkpoint_dtype(model_dir), _DTYPE_BYTES.get(dtype, 2))
+        weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) * _DTYPE_BYTES.get(dtype, 2) // stored
+        problem = memory_shortfall(weights, kv_per_token, dtype, max_model_len, settings.tensor_parallel_size,
                                    memory_budget(settings, on_gpu), on_gpu)
         if problem:
             raise DoesNotFit(f"{settings.model}: {problem}")
-        self.llm = vllm.LLM(**engine_args)
 
     def _prompts(self, ids: list[list[int]]) -> list[Any]:
         return [self._vllm.inputs.TokensPrompt(prompt_token_ids=p) for p in ids]

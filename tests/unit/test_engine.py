@@ -80,7 +80,8 @@ def test_a_shard_s_gpus_reach_vllm_as_its_tensor_parallel_size(gpus: int, size: 
     assert settings.tensor_parallel_size == size
     built: dict[str, Any] = {}
     monkeypatch.setattr(generate, "import_vllm", lambda: SimpleNamespace(__version__="0.0", LLM=built.update))
-    (tmp_path / "config.json").write_text('{"dtype": "bfloat16"}')
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "dtype": "bfloat16", "num_hidden_layers": 2, '
+                                          '"hidden_size": 64, "num_attention_heads": 2}')
     generate.VllmEngine(tmp_path, settings, eos=2, max_model_len=1025)
     assert built["tensor_parallel_size"] == size
     assert (built["model"], built["dtype"], built["max_model_len"]) == (str(tmp_path), "bfloat16", 1025)

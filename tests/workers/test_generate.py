@@ -10,10 +10,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
 from spin_k8s import storage
 from spin_k8s.workers import batching, data, generate, tiny, train
@@ -258,10 +259,19 @@ def test_70b_on_80_gb_gpus_fits_a_shard_of_two_not_of_one(gpus: int, fits: bool)
     """The arithmetic on a GPU (docs/scaling.md): Llama-2-70B in bfloat16 (~138 GB of weights) and the KV cache
     of one 4096-token sequence (1.25 GiB: 80 layers x 2 x 8 KV heads x 128 x 2 bytes per token) against 0.9 of
     an 80 GB GPU per tensor-parallel rank."""
-    config = {"num_hidden_layers": 80, "hidden_size": 8192, "num_attention_heads": 64, "num_key_value_heads": 8,
-              "dtype": "bfloat16"}
-    problem = generate.memory_shortfall(config, 137_953_316_864, "bfloat16", 4096, gpus, 0.9 * 80e9, on_gpu=True)
+    config = LlamaConfig(num_hidden_layers=80, hidden_size=8192, num_attention_heads=64, num_key_value_heads=8)
+    kv_per_token = generate.kv_bytes_per_token(config, "bfloat16")
+    assert kv_per_token == 80 * 2 * 8 * 128 * 2
+    problem = generate.memory_shortfall(137_953_316_864, kv_per_token, "bfloat16", 4096, gpus, 0.9 * 80e9,
+                                        on_gpu=True)
     assert (problem is None) == fits, problem
     if not fits:
         assert problem is not None
         assert f"over tensor_parallel_size {gpus}" in problem and "67.1 GiB available" in problem
+
+
+def test_the_kv_size_reads_any_architecture_s_config_or_skips_the_check() -> None:
+    """GPT-2 names its sizes n_layer / n_head / n_embd; transformers maps them. A config that names none
+    skips the check (vLLM's own error then stands) rather than failing a model vLLM could run."""
+    assert generate.kv_bytes_per_token(GPT2Config(n_layer=4, n_head=4, n_embd=256), "float16") == 2 * 4 * 4 * 64 * 2
+    assert generate.kv_bytes_per_token(SimpleNamespace(get_text_config=SimpleNamespace), "float16") is None
