@@ -147,8 +147,9 @@ def load(store: Store) -> dict[tuple[int, str], dict[str, Any]]:
 
 
 def record_step(store: Store, run: dict[str, Any], spec: dict[str, Any], iteration: int, role: str,
-                record: dict[str, Any]) -> None:
-    """Write a step's record once, then add it to the manifest by compare-and-swap."""
+                record: dict[str, Any]) -> dict[str, Any]:
+    """Write a step's record once, then add it to the manifest by compare-and-swap; the record as stored (an
+    earlier attempt's, where one was written first)."""
     record = {**record, "recorded": _now()}
     key = step_key(iteration, role)
     if not store.put(key, _dump(record), etag=None):
@@ -165,11 +166,11 @@ def record_step(store: Store, run: dict[str, Any], spec: dict[str, Any], iterati
             manifest, etag = json.loads(got[0]), got[1]
         roles = manifest["iterations"].setdefault(str(iteration), {})
         if roles.get(role) == record:
-            return
+            return record
         roles[role] = record
         manifest["updated"] = _now()
         if store.put(MANIFEST_KEY, _dump(manifest), etag=etag):
-            return
+            return record
     raise RuntimeError(f"lineage manifest: lost the compare-and-swap race {_CAS_ATTEMPTS} times")
 
 

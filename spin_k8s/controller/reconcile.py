@@ -151,6 +151,7 @@ class StoragePolicy:
         return None
 
 
+POD_GRACE_SECONDS = 5.0
 KUEUE_GROUP = "kueue.x-k8s.io"
 KUEUE_VERSIONS = ("v1beta2", "v1beta1")  # Kueue 0.15+ stores v1beta2; older ones serve v1beta1 only
 LOCKED_DOWN = StoragePolicy()  # the default: no custom endpoint, never the controller's own identity
@@ -313,7 +314,12 @@ class Reconciler:
             message, code = self._failures[view.uid]
             return dataclasses.replace(view, pod_message=message, exit_code=code)
         status = job.status
-        if view.state == "active" and (status.active or 0) + (status.succeeded or 0) < (job.spec.completions or 1):
+        created = job.metadata.creation_timestamp
+        # A Job makes its pods within a second or so: only one still short of them after POD_GRACE_SECONDS is
+        # asked why (a reconcile right after the create would otherwise list events for nothing).
+        settled = created is None or (datetime.datetime.now(datetime.UTC) - created).total_seconds() > POD_GRACE_SECONDS
+        if (view.state == "active" and settled
+                and (status.active or 0) + (status.succeeded or 0) < (job.spec.completions or 1)):
             events = self.kube.core.list_namespaced_event(
                 namespace, field_selector=f"involvedObject.uid={view.uid}").items
             return dataclasses.replace(view, create_error=create_error(events))
@@ -335,17 +341,22 @@ class Reconciler:
         prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
         store: lineage.Store | None = None
         read_at, known = self._lineage.get(run.uid, (-math.inf, {}))
-        if (time.monotonic() - read_at < self.storage_check_seconds
-                and not any(j.state == "complete" and (j.iteration, j.role) not in known for j in jobs)):
-            found = planner.Lineage(dict(known))  # nothing new to read: this process wrote the lineage it holds
+        # The lineage this process read and wrote is the lineage (writes are fenced: no other leader wrote
+        # meanwhile); storage is read for the outputs of a Job that completed, and all of it again every
+        # storage_check_seconds, to see an outage.
+        fresh = time.monotonic() - read_at < self.storage_check_seconds
+        if fresh and not any(j.state == "complete" and (j.iteration, j.role) not in known for j in jobs):
+            found = planner.Lineage(dict(known))
         else:
-            self._lineage.pop(run.uid, None)
+            if not fresh:
+                self._lineage.pop(run.uid, None)
             try:
                 store = self._store(run)
                 started = time.monotonic()
-                steps = lineage.load(store)
+                steps = dict(known) if fresh else lineage.load(store)
                 found = planner.Lineage(steps, lineage.step_outputs(store, run, prefix, jobs, steps))
-                self._remember(run.uid, started, steps)
+                if not fresh:
+                    self._remember(run.uid, started, steps)
             except StorageRefused as e:
                 store = None
                 found = planner.Lineage(error=str(e), error_reason=e.reason)
@@ -396,9 +407,11 @@ class Reconciler:
             if not self.may_write():
                 raise RuntimeError(f"lineage of iteration {action.iteration} {action.role} not written: this "
                                    "process is no longer a leader that renewed its Lease in time")
-            self._lineage.pop(run.uid, None)  # read it back next time, as written
-            lineage.record_step(store, {"name": run.name, "namespace": ns, "uid": run.uid}, obj["spec"],
-                                action.iteration, action.role, action.record)
+            stored = lineage.record_step(store, {"name": run.name, "namespace": ns, "uid": run.uid}, obj["spec"],
+                                         action.iteration, action.role, action.record)
+            if run.uid in self._lineage:  # what storage now holds, without reading it back
+                read_at, steps = self._lineage[run.uid]
+                self._lineage[run.uid] = (read_at, {**steps, (action.iteration, action.role): stored})
         elif isinstance(action, planner.CreateJob | planner.CreateService):
             body = action.body
             try:
