@@ -1,11 +1,15 @@
-"""The SpinRun API as typed values: constants of the resource, the spec parsed from an API object, and
-offline defaulting and validation from the CRD schema.
+"""The SpinRun API as typed values: constants of the resource, the spec parsed from an API object, offline
+defaulting and validation from the CRD schema, and the merge of a run's spec over its SpinRuntime.
 
 The CRD (``manifests/crd/spinruns.selfplay.dev.yaml``, copied into the package as
 ``spin_k8s/crd.yaml``) is the single source of truth for field names, defaults and bounds: the API server
 applies it to every object, and :func:`load_defaulted` applies the same schema offline (``spinctl --dry-run``,
 the local executor). :func:`semantic_errors` holds the checks a schema cannot express, which the controller
 turns into a Failed condition.
+
+A SpinRuntime (``manifests/crd/spinruntimes.selfplay.dev.yaml``, packaged as ``spin_k8s/runtime-crd.yaml``) holds
+the pod infrastructure a platform team sets for runs; :func:`merge_runtime` lays a run's spec over the copy of it
+the controller keeps in the run's ``status.runtime``, and :func:`parse` builds the spec from that merge.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ PLURAL = "spinruns"
 MAX_NAME_LENGTH = 40
 # Run names become Service names and pod hostnames (`{job}-0.{service}`): a DNS-1035 label, as the CRD says.
 _DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+RUNTIME_KIND = "SpinRuntime"
+RUNTIME_PLURAL = "spinruntimes"  # cluster-scoped
+DEFAULT_RUNTIME = "default"  # the SpinRuntime a run without spec.runtime uses, when it exists
 RESUME_ANNOTATION = f"{GROUP}/resume"  # an integer bumped by `spinctl resume`: each grants a new restart budget
 ROLES = ("generate", "train")  # the keys of the per-role spec fields (resources, shmSize, env, volumes, ...)
 # What the Job bodies (spin_k8s/manifests.py) use themselves, so a spec's env and volumes may not: the same lists
@@ -54,18 +61,65 @@ DEFAULT_IMAGES = Images(generate=f"ghcr.io/spin-k8s/generate:{spin_k8s.__version
 
 
 @functools.cache
-def crd() -> dict[str, Any]:
-    """The SpinRun CRD as shipped in the package."""
-    text = importlib.resources.files("spin_k8s").joinpath("crd.yaml").read_text()
+def crd(filename: str = "crd.yaml") -> dict[str, Any]:
+    """The SpinRun CRD as shipped in the package (``runtime-crd.yaml``: the SpinRuntime CRD)."""
+    text = importlib.resources.files("spin_k8s").joinpath(filename).read_text()
     loaded: dict[str, Any] = yaml.safe_load(text)
     return loaded
 
 
-def schema() -> dict[str, Any]:
-    """The OpenAPI v3 schema of the served version."""
-    (version,) = (v for v in crd()["spec"]["versions"] if v["name"] == VERSION)
+def schema(filename: str = "crd.yaml") -> dict[str, Any]:
+    """The OpenAPI v3 schema of the served version of the SpinRun CRD (or of ``filename``'s)."""
+    (version,) = (v for v in crd(filename)["spec"]["versions"] if v["name"] == VERSION)
     result: dict[str, Any] = version["schema"]["openAPIV3Schema"]
     return result
+
+
+def runtime_schema() -> dict[str, Any]:
+    """The OpenAPI v3 schema of the SpinRuntime."""
+    return schema("runtime-crd.yaml")
+
+
+# How merge_runtime lays a run's field over its runtime's: these maps key by role (images also by pullPolicy, which
+# every served SpinRun has, so the run's always applies) or by label / annotation / node label, so they merge one key
+# at a time; env merges by variable name within a role. Every other field the run sets replaces the runtime's whole.
+_MERGED_BY_KEY = frozenset({"images", "resources", "shmSize", "scratchSize", "scratchVolume", "env", "volumes",
+                            "volumeMounts", "activeDeadlineSeconds", "nodeSelector", "podLabels", "podAnnotations"})
+
+
+def runtime_snapshot(runtime: dict[str, Any] | None) -> dict[str, Any]:
+    """What a run's ``status.runtime`` keeps of the SpinRuntime object it was read with (None: no runtime, {})."""
+    if runtime is None:
+        return {}
+    meta = runtime["metadata"]
+    return {"name": meta["name"], "resourceVersion": meta.get("resourceVersion", ""),
+            "spec": copy.deepcopy(runtime.get("spec") or {})}
+
+
+def _merge_env(runtime: list[dict[str, Any]], run: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runtime's variables in their order, each replaced by the run's of the same name, then the run's others."""
+    mine = {e.get("name"): e for e in run}
+    theirs = {e.get("name") for e in runtime}
+    return [mine.get(e.get("name"), e) for e in runtime] + [e for e in run if e.get("name") not in theirs]
+
+
+def merge_runtime(runtime: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """A run's ``spec`` laid over a SpinRuntime's ``runtime`` spec (both as served): the run wins, key by key in
+    the maps of :data:`_MERGED_BY_KEY`, by variable name in env, whole in every other field. The runtime's storage
+    is not merged: spinctl writes it into a new run, whose storage is part of its identity. Pure; a new dict."""
+    merged = copy.deepcopy(spec)
+    for name, theirs in runtime.items():
+        if name == "storage":
+            continue
+        mine = spec.get(name)
+        if mine is None:
+            merged[name] = copy.deepcopy(theirs)
+        elif name == "env":
+            merged[name] = {role: _merge_env(theirs.get(role) or [], mine.get(role) or [])
+                            for role in {**theirs, **mine}}
+        elif name in _MERGED_BY_KEY:
+            merged[name] = copy.deepcopy({**theirs, **mine})
+    return merged
 
 
 def _apply_defaults(node: dict[str, Any], value: Any) -> Any:
@@ -196,6 +250,7 @@ class Spec:
     tolerations: tuple[dict[str, Any], ...]
     service_account: str | None
     queue_name: str | None
+    runtime: str | None  # the SpinRuntime spec.runtime names; None: DEFAULT_RUNTIME where it exists
     suspend: bool
     restart_limit: int
     early_stop_accuracy: float | None
@@ -281,7 +336,8 @@ def _spec(raw: dict[str, Any], defaults: Images) -> Spec:
         node_selector=dict(raw.get("nodeSelector") or {}),
         pod_labels=dict(raw.get("podLabels") or {}), pod_annotations=dict(raw.get("podAnnotations") or {}),
         tolerations=tuple(raw.get("tolerations") or ()), service_account=raw.get("serviceAccountName"),
-        queue_name=raw.get("queueName"), suspend=raw["suspend"], restart_limit=raw["restartLimit"],
+        queue_name=raw.get("queueName"), runtime=raw.get("runtime"), suspend=raw["suspend"],
+        restart_limit=raw["restartLimit"],
         early_stop_accuracy=(raw.get("earlyStop") or {}).get("minRewardAccuracy"),
         held_out_fraction=float((raw.get("earlyStop") or {}).get("heldOutFraction", 0.0)),
     )
@@ -355,7 +411,8 @@ def _pod_errors(spec: dict[str, Any]) -> list[str]:
 
 
 def parse(obj: dict[str, Any], images: Images = DEFAULT_IMAGES) -> SpinRun:
-    """A SpinRun from an API object (as served: defaults already applied); ``images`` fill unset worker images."""
+    """A SpinRun from an API object (as served: defaults already applied), its spec merged over the SpinRuntime
+    copy in its ``status.runtime`` if it has one; ``images`` fill worker images neither names."""
     meta = obj["metadata"]
     annotations = meta.get("annotations") or {}
     try:
@@ -364,7 +421,9 @@ def parse(obj: dict[str, Any], images: Images = DEFAULT_IMAGES) -> SpinRun:
         resumes = 0
     return SpinRun(
         name=meta["name"], namespace=meta.get("namespace", "default"), uid=meta.get("uid", ""),
-        generation=int(meta.get("generation", 0)), spec=_spec(obj["spec"], images),
+        generation=int(meta.get("generation", 0)),
+        spec=_spec(merge_runtime(((obj.get("status") or {}).get("runtime") or {}).get("spec") or {}, obj["spec"]),
+                   images),
         status=dict(obj.get("status") or {}),
         resumes=resumes, deleting=meta.get("deletionTimestamp") is not None,
     )

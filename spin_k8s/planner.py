@@ -136,6 +136,10 @@ class Plan:
     status: dict[str, Any]
     events: tuple[Event, ...] = ()
 
+    def creates(self) -> bool:
+        """Whether the plan creates a Job or Service: the moment a run's SpinRuntime must be known."""
+        return any(isinstance(a, CreateJob | CreateService) for a in self.actions)
+
 
 def _condition(old: list[dict[str, Any]], ctype: str, status: bool, reason: str, message: str, generation: int,
                now: str) -> dict[str, Any]:
@@ -340,6 +344,8 @@ def plan(run: api.SpinRun, obs: Observed, lineage: Lineage, now: str, invalid: s
         "observedGeneration": gen, "phase": p.phase, "iteration": p.iteration, "reason": p.reason,
         "manifest": naming.manifest_uri(prefix), "conditions": conditions,
         "iterations": iterations,
+        # The SpinRuntime copy the reconcile put in (api.parse merged the spec over it), kept for every later Job.
+        **({"runtime": run.status["runtime"]} if "runtime" in run.status else {}),
     }
     status["restarts"] = sum(max(0, it.get(f"{role}Attempts", 1) - 1) for it in iterations
                              for role in (naming.GENERATE, naming.TRAIN))
@@ -361,7 +367,18 @@ def action_failed(run: api.SpinRun, action: Action, error: str, now: str) -> Pla
         reason, what = "JobUpdateFailed", f"{'suspending' if action.suspend else 'resuming'} Job {action.name}"
     else:
         reason, what = "LineageWriteFailed", f"recording iteration {action.iteration} {action.role} in lineage"
-    message = f"{what}: {error}"
+    return _held(run, reason, f"{what}: {error}", now)
+
+
+def runtime_missing(run: api.SpinRun, name: str, now: str) -> Plan:
+    """The status of a run whose SpinRuntime does not exist (yet): nothing is created, the run stays as it was
+    with Progressing False naming the runtime, and one Warning event; the caller retries after a backoff."""
+    return _held(run, "RuntimeNotFound", f'SpinRuntime "{name}" (spec.runtime) not found: no Job is created until '
+                 "it exists (kubectl get spinruntimes)", now)
+
+
+def _held(run: api.SpinRun, reason: str, message: str, now: str) -> Plan:
+    """The run's status as it was, with Progressing False for ``reason``, and one Warning event."""
     old = list(run.status.get("conditions") or [])
     progressing = _condition(old, "Progressing", False, reason, message, run.generation, now)
     conditions = [progressing if c.get("type") == "Progressing" else c for c in old]

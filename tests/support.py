@@ -8,6 +8,7 @@ lines of its log instead of running into its timeout.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -35,7 +36,8 @@ from spin_k8s.workers import data, tiny
 
 T = TypeVar("T")
 G, V, P = spin_api.GROUP, spin_api.VERSION, spin_api.PLURAL
-CRD = Path(__file__).parent.parent / "manifests" / "crd" / "spinruns.selfplay.dev.yaml"
+CRDS = [Path(__file__).parent.parent / "manifests" / "crd" / f"{name}.selfplay.dev.yaml"
+        for name in (spin_api.PLURAL, spin_api.RUNTIME_PLURAL)]
 STEPS = [(0, naming.GENERATE), (0, naming.TRAIN), (1, naming.GENERATE), (1, naming.TRAIN)]
 
 
@@ -114,22 +116,49 @@ def metric(port: int, name: str, **labels: str) -> int:
     return total
 
 
+def quota(api: client.ApiClient, controllers: Controllers, name: str, hard: dict[str, str]) -> None:
+    """A ResourceQuota, once the quota controller has counted its usage (until then admission refuses with
+    "status unknown" instead of "exceeded quota")."""
+    core = client.CoreV1Api(api)
+    core.create_namespaced_resource_quota(controllers.namespace, {"metadata": {"name": name}, "spec": {"hard": hard}})
+    controllers.wait(f"quota {name} to be counted", lambda: (
+        core.read_namespaced_resource_quota(name, controllers.namespace).status.used or None), 60)
+
+
+def progressing(api: client.ApiClient, namespace: str, name: str, reason: str) -> dict[str, Any] | None:
+    """The run's Progressing condition if its reason is ``reason``."""
+    status = get_run(api, namespace, name).get("status") or {}
+    return next((c for c in status.get("conditions") or [] if c["type"] == "Progressing" and c["reason"] == reason),
+                None)
+
+
+def warnings(api: client.ApiClient, namespace: str, reason: str) -> list[client.CoreV1Event]:
+    """The events of ``reason`` on SpinRuns in the namespace."""
+    return [e for e in client.CoreV1Api(api).list_namespaced_event(namespace).items
+            if e.involved_object.kind == spin_api.KIND and e.reason == reason]
+
+
 def unsuspend(api: client.ApiClient, namespace: str, name: str) -> None:
     client.CustomObjectsApi(api).patch_namespaced_custom_object(G, V, namespace, P, name, {"spec": {"suspend": False}})
 
 
 def install_crd(api: client.ApiClient) -> None:
-    """Create the SpinRun CRD (or find it) and wait until it is Established."""
+    """Create the SpinRun and SpinRuntime CRDs (or find them) and wait until they are Established."""
     ext = client.ApiextensionsV1Api(api)
-    body = yaml.safe_load(CRD.read_text())
-    try:
-        ext.create_custom_resource_definition(body)
-    except ApiException as e:
-        if e.status != 409:
-            raise
-    wait_until("the SpinRun CRD", lambda: any(
-        c.type == "Established" and c.status == "True"
-        for c in ext.read_custom_resource_definition(body["metadata"]["name"]).status.conditions or []), 30)
+    for path in CRDS:
+        body = yaml.safe_load(path.read_text())
+        try:
+            ext.create_custom_resource_definition(body)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        name = body["metadata"]["name"]
+        wait_until(name, functools.partial(_established, ext, name), 30)
+
+
+def _established(ext: client.ApiextensionsV1Api, name: str) -> bool:
+    return any(c.type == "Established" and c.status == "True"
+               for c in ext.read_custom_resource_definition(name).status.conditions or [])
 
 
 def new_namespace(api: client.ApiClient, base: str) -> str:

@@ -31,7 +31,7 @@ from spin_k8s.workers import tiny
 
 ROOT = Path(__file__).parent.parent
 CHART = ROOT / "charts" / "spin"
-CRD = ROOT / "manifests" / "crd" / "spinruns.selfplay.dev.yaml"
+CRDS = [ROOT / "manifests" / "crd" / f"{name}.selfplay.dev.yaml" for name in (spin_api.PLURAL, spin_api.RUNTIME_PLURAL)]
 CUSTOM_VALUES = Path(__file__).parent / "data" / "chart-values.yaml"
 STANDARD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
                    "app.kubernetes.io/managed-by", "app.kubernetes.io/component")
@@ -114,7 +114,7 @@ def test_every_value_has_a_comment() -> None:
 def test_defaults_render_a_hardened_cluster_wide_controller() -> None:
     objects = render()
     assert {o["kind"] for o in objects} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
-                                            "RoleBinding", "Service", "Deployment"}
+                                            "RoleBinding", "Service", "Deployment", "SpinRuntime"}
     for o in objects:
         labels = o["metadata"]["labels"]
         assert all(labels.get(k) for k in STANDARD_LABELS), (o["kind"], labels)
@@ -164,7 +164,7 @@ def test_defaults_render_a_hardened_cluster_wide_controller() -> None:
 def test_custom_values_watch_one_namespace_with_a_role_and_force_leader_election() -> None:
     objects = render("-f", str(CUSTOM_VALUES), "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
     # Cluster-wide for the controller, only what a namespaced Role cannot hold: reading the SpinRun CRD (checked
-    # at start). The users' aggregated roles are cluster-scoped by nature.
+    # at start) and SpinRuntimes. The users' aggregated roles are cluster-scoped by nature.
     cluster_wide = by_kind(objects, "ClusterRole") + by_kind(objects, "ClusterRoleBinding")
     assert sorted(r["metadata"]["name"] for r in cluster_wide) == ["spin-controller-crd"] * 2 + ["spin-edit",
                                                                                                  "spin-view"]
@@ -264,6 +264,8 @@ _KUEUE_WORKLOADS = ("kueue.x-k8s.io", "workloads")
 # Listed without a watch: a failed Job's pods, once, for their termination messages; the events of a Job that
 # lacks pods, for why they were refused; a Job's Kueue Workload, when a run is cancelled or resumed.
 _UNWATCHED = {("", "pods", "watch"), ("", "events", "watch"), (*_KUEUE_WORKLOADS, "watch")}
+# A SpinRuntime read (cluster-scoped): the one call whose client method names no resource _CALL can tell apart.
+_RUNTIME_GET = (re.compile(r"\.get_cluster_custom_object\("), (spin_api.GROUP, spin_api.RUNTIME_PLURAL, "get"))
 # Granted without a call of their own, each for a reason the chart's templates/rbac.yaml states.
 _EXTRA = {(spin_api.GROUP, spin_api.PLURAL, "get"), (spin_api.GROUP, f"{spin_api.PLURAL}/finalizers", "update")}
 
@@ -278,6 +280,8 @@ def controller_calls() -> set[tuple[str, str, str]]:
             arguments = text[call.end():text.index(")", call.end())]
             resource = _KUEUE_WORKLOADS if '"workloads"' in arguments else _RESOURCES[kind]
             needed |= {(*resource, v) for v in _VERBS[verb]}
+        if _RUNTIME_GET[0].search(text):
+            needed.add(_RUNTIME_GET[1])
     return needed
 
 
@@ -296,7 +300,8 @@ def test_rbac_grants_exactly_what_the_controller_calls() -> None:
     namespaced = render("--set", "watchNamespace=team-a")
     crd = one(namespaced, "ClusterRole", "spin-controller-crd")["rules"]  # cluster-scoped: never in a Role
     assert crd == [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
-                    "verbs": ["get"], "resourceNames": ["spinruns.selfplay.dev"]}]
+                    "verbs": ["get"], "resourceNames": ["spinruns.selfplay.dev"]},
+                   {"apiGroups": ["selfplay.dev"], "resources": ["spinruntimes"], "verbs": ["get"]}]
     assert one(namespaced, "ClusterRoleBinding", "spin-controller-crd")["roleRef"]["name"] == "spin-controller-crd"
     assert rule_set(one(namespaced, "Role", "spin-controller")["rules"]) | rule_set(crd) == \
         rule_set(one(objects, "ClusterRole", "spin-controller")["rules"]) | rule_set(secrets)
@@ -322,7 +327,9 @@ def test_users_get_spinruns_through_the_built_in_edit_and_view_roles() -> None:
     assert ("selfplay.dev", "spinruns", "create") in rule_set(edit["rules"])
     assert ("selfplay.dev", "spinruns/status", "patch") not in rule_set(edit["rules"])  # the controller's
     assert rule_set(view["rules"]) == {("selfplay.dev", r, v) for r in ("spinruns", "spinruns/status")
-                                       for v in ("get", "list", "watch")}
+                                       for v in ("get", "list", "watch")} | {
+        ("selfplay.dev", "spinruntimes", v) for v in ("get", "list")}  # runtimes: changed by cluster admins only
+    assert not [r for r in edit["rules"] if "spinruntimes" in r["resources"]]
     assert not by_kind(render("--set", "rbac.aggregateUserRoles=false"), "ClusterRole")[1:]
 
 
@@ -351,10 +358,9 @@ def without_helm_labels(labels: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in labels.items() if k not in ("helm.sh/chart", "app.kubernetes.io/managed-by")}
 
 
-def test_kustomize_renders_the_source_crd() -> None:
+def test_kustomize_renders_the_source_crds() -> None:
     objects = kustomize()
-    (crd,) = by_kind(objects, "CustomResourceDefinition")
-    assert crd == yaml.safe_load(CRD.read_text())
+    assert by_kind(objects, "CustomResourceDefinition") == [yaml.safe_load(path.read_text()) for path in CRDS]
     assert one(objects, "Namespace")["metadata"]["name"] == "spin-system"
 
 

@@ -19,7 +19,10 @@ from support import (
     get_run,
     job_names,
     metric,
+    progressing,
+    quota,
     spin_run,
+    warnings,
     write_outputs,
 )
 
@@ -32,26 +35,6 @@ from spin_k8s.workers import tiny
 
 pytestmark = [pytest.mark.cluster, pytest.mark.s3]
 G, V, P = spin_api.GROUP, spin_api.VERSION, spin_api.PLURAL
-
-
-def quota(api: client.ApiClient, controllers: Controllers, name: str, hard: dict[str, str]) -> None:
-    """A ResourceQuota, once the quota controller has counted its usage (until then admission refuses with
-    "status unknown" instead of "exceeded quota")."""
-    core = client.CoreV1Api(api)
-    core.create_namespaced_resource_quota(controllers.namespace, {"metadata": {"name": name}, "spec": {"hard": hard}})
-    controllers.wait(f"quota {name} to be counted", lambda: (
-        core.read_namespaced_resource_quota(name, controllers.namespace).status.used or None), 60)
-
-
-def progressing(api: client.ApiClient, namespace: str, name: str, reason: str) -> dict[str, Any] | None:
-    status = get_run(api, namespace, name).get("status") or {}
-    return next((c for c in status.get("conditions") or [] if c["type"] == "Progressing" and c["reason"] == reason),
-                None)
-
-
-def warnings(api: client.ApiClient, namespace: str, reason: str) -> list[client.CoreV1Event]:
-    return [e for e in client.CoreV1Api(api).list_namespaced_event(namespace).items
-            if e.involved_object.kind == spin_api.KIND and e.reason == reason]
 
 
 def test_a_refused_job_is_a_condition_with_the_servers_words_backed_off_then_the_run_goes_on(

@@ -1,7 +1,8 @@
 """The ``spinctl`` commands: fetch from the cluster (or storage), then hand values to ``output``.
 
 Mutating commands print what they did and the next command to run; ``start --dry-run`` computes and prints
-without touching the cluster. Every failure leaves as one line and exit code 1 (``session.Group``).
+what would be created, reading from the cluster only the SpinRuntime the run would use. Every failure leaves as
+one line and exit code 1 (``session.Group``).
 """
 
 from __future__ import annotations
@@ -98,9 +99,14 @@ def main(debug: bool) -> None:
 @click.option("--storage", "storage_uri", metavar="URI", help="where lineage, data and models go, e.g. s3://bucket/spin")
 @click.option("--storage-secret", metavar="SECRET", help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
 @click.option("--storage-endpoint", metavar="URL", help="S3 endpoint for non-AWS object stores")
+@click.option("--runtime", "runtime_name", metavar="NAME",
+              help="the SpinRuntime (platform defaults) the run uses, and whose storage it gets without --storage "
+                   "(default: the one named default, if it exists)")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="set any spec field, e.g. --set training.learningRate=5e-7 --set generation.shards=8 (repeatable)")
-@click.option("--dry-run", is_flag=True, help="print the SpinRun and the Jobs of iteration 0; create nothing")
+@click.option("--dry-run", is_flag=True,
+              help="print the SpinRun (with the copy of its SpinRuntime the controller keeps) and the Jobs of "
+                   "iteration 0, built from both; create nothing")
 @click.option("-o", "--output", "fmt", type=click.Choice(["name", "yaml", "json"]), default="name", show_default=True,
               help="what to print: the run's name, or the objects (with --dry-run: the Jobs too)")
 @click.option("--wait", is_flag=True, help="then follow the run as `spinctl wait` does: exit 0 if it succeeded, "
@@ -112,43 +118,55 @@ def main(debug: bool) -> None:
               help="run on this machine instead, as local processes, state in DIR (resumes if DIR has the run)")
 def start(session: Session, filename: Path | None, name: str | None, model: str | None, dataset: str | None,
           iterations: int | None, storage_uri: str | None, storage_secret: str | None, storage_endpoint: str | None,
-          sets: tuple[str, ...], dry_run: bool, fmt: str, wait: bool, timeout: float, no_preflight: bool,
-          local_dir: Path | None) -> None:
+          runtime_name: str | None, sets: tuple[str, ...], dry_run: bool, fmt: str, wait: bool, timeout: float,
+          no_preflight: bool, local_dir: Path | None) -> None:
     """Create a SpinRun: the controller then runs its iterations (0, 1, ...).
 
     The spec is checked offline first (fields the CRD does not declare are refused), then, unless
     --no-preflight, against the cluster and storage: the Secret exists, the model and dataset are
-    readable with its credentials. Nothing is created when a check fails.
+    readable with its credentials. Nothing is created when a check fails. Without --storage, the run's
+    storage comes from its SpinRuntime (--runtime, else the one named default), written into the run.
 
     \b
     Examples:
       spinctl start --name demo --iterations 4 --model s3://models/sft --dataset s3://data/sft.jsonl \\
           --storage s3://spin-runs --storage-secret s3-credentials --wait
+      spinctl start --iterations 4 --model s3://models/sft --dataset s3://data/sft.jsonl  # storage: the runtime's
       spinctl start -f manifests/examples/zephyr-7b-gpu.yaml --set training.nodes=2
-      spinctl start -f run.yaml --dry-run -o yaml        # the SpinRun and iteration 0's Jobs, nothing created
+      spinctl start -f run.yaml --dry-run -o yaml        # the SpinRun, its runtime and iteration 0's Jobs
       spinctl start -f run.yaml --local ./runs/demo      # no cluster: everything as local processes
     """
     flags = {"--model": model, "--dataset": dataset, "--iterations": iterations, "--storage": storage_uri,
-             "--storage-secret": storage_secret, "--storage-endpoint": storage_endpoint}
+             "--storage-secret": storage_secret, "--storage-endpoint": storage_endpoint, "--runtime": runtime_name}
     try:
         base = spec.load_file(filename) if filename else None
         # Reading the namespace from the kubeconfig is offline; a local run needs no kubeconfig at all.
         namespace = (session.namespace_flag or "default") if local_dir else session.namespace
         obj = spec.build(base, name=name, namespace=namespace, flags=flags, sets=sets)
-        spec.check(obj, flags=[f for f, v in flags.items() if v is not None], storage_optional=local_dir is not None)
+        # Storage may still come from the SpinRuntime, read below: offline errors first, without a cluster.
+        spec.check(obj, flags=[f for f, v in flags.items() if v is not None], storage_optional=True)
     except spec.SpecError as e:
         raise click.ClickException(str(e)) from None
     if local_dir is not None:
         _start_local(obj, local_dir)
         return
+    wanted = obj["spec"].get("runtime")
+    runtime = _runtime(session, wanted, offline_ok=dry_run)
+    obj = spec.with_runtime_storage(obj, runtime)
+    if not (obj["spec"].get("storage") or {}).get("uri"):
+        source = (f'SpinRuntime "{runtime["metadata"]["name"]}" sets no storage.uri' if runtime is not None else
+                  f'no SpinRuntime "{api.DEFAULT_RUNTIME}" gives one')
+        raise click.ClickException(f"--storage is required (spec.storage.uri): {source}")
     if dry_run:
-        objects = spec.preview(obj)
+        objects = spec.preview(obj, runtime=runtime)
         if fmt == "json":
             click.echo(output.dump(output.as_list(objects), "json"))
         elif fmt == "yaml":
             click.echo("\n---\n".join(output.dump(o, "yaml") for o in objects))
         else:
             click.echo("\n".join(f"{o['kind'].lower()}/{o['metadata']['name']} (dry run)" for o in objects))
+            if runtime is not None:
+                click.echo(f"with spinruntime/{runtime['metadata']['name']} under the run's spec (-o yaml shows both)")
         return
     if not no_preflight:
         _preflight(session, obj)
@@ -161,6 +179,26 @@ def start(session: Session, filename: Path | None, name: str | None, model: str 
         _follow(session, name, timeout)
     elif fmt == "name":
         click.echo(f"follow it: spinctl wait {name} -n {session.namespace}", err=True)
+
+
+def _runtime(session: Session, name: str | None, offline_ok: bool) -> dict[str, Any] | None:
+    """The SpinRuntime the run will use: ``name`` (spec.runtime), else the one named default where it exists and
+    this user may read it (none otherwise, as the controller decides). ``offline_ok``: a dry run without a runtime
+    named needs no cluster, and shows the run without one when none can be reached."""
+    try:
+        found: dict[str, Any] = session.objects.get_cluster_custom_object(
+            G, V, api.RUNTIME_PLURAL, name or api.DEFAULT_RUNTIME, _request_timeout=10)
+    except ApiException as e:
+        if e.status == 404 and name:
+            raise click.ClickException(f'spinruntime "{name}" not found (kubectl get spinruntimes)') from None
+        if e.status in (403, 404) and not name:
+            return None
+        raise
+    except Exception:
+        if offline_ok and not name:
+            return None
+        raise
+    return found
 
 
 def _preflight(session: Session, obj: dict[str, Any]) -> None:

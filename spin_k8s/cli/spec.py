@@ -22,7 +22,8 @@ DRY_RUN_UID = "00000000-0000-0000-0000-000000000000"  # a real uid is given by t
 
 # The flags of `spinctl start` that set a spec field, in the order --help lists them.
 FLAG_PATHS = {"--model": "model", "--dataset": "dataset", "--iterations": "iterations", "--storage": "storage.uri",
-              "--storage-secret": "storage.credentialsSecret", "--storage-endpoint": "storage.endpoint"}
+              "--storage-secret": "storage.credentialsSecret", "--storage-endpoint": "storage.endpoint",
+              "--runtime": "runtime"}
 _URI_FIELDS = ("spec.model", "spec.dataset", "spec.storage.uri")
 # ObjectMeta's fields. The CRD leaves metadata open (the API server types it itself), and strict field validation
 # refuses any other field there, as it does under spec: a misspelt `lables` must not be dropped either.
@@ -227,25 +228,41 @@ def _in_user_terms(error: str, obj: Mapping[str, Any], flags: Mapping[str, str])
 
 def check(obj: dict[str, Any], *, flags: Iterable[str] = (), storage_optional: bool = False) -> None:
     """Refuse what the API server would refuse, naming the field (all problems, on one line). ``flags``: the
-    ``FLAG_PATHS`` flags the user gave. ``storage_optional``: a local run stores under its directory."""
+    ``FLAG_PATHS`` flags the user gave. ``storage_optional``: a local run stores under its directory, and a run
+    on a cluster may take its storage from its SpinRuntime."""
     defaulted = api.load_defaulted(obj)
     errors = api.schema_errors(defaulted)
     if not api.cel_blocked(defaulted):  # as the API server: the rules need the schema's types
         errors += api.semantic_errors(defaulted)
     if storage_optional:
-        errors = [e for e in errors if e != "spec.storage: Required value"]
+        errors = [e for e in errors if e not in ("spec.storage: Required value", "spec.storage.uri: Required value")]
     if errors:
         given = {f"spec.{FLAG_PATHS[f]}": f for f in flags}
         raise SpecError(one_line(f"invalid SpinRun {obj['metadata']['name']}",
                                  [_in_user_terms(e, defaulted, given) for e in errors]))
 
 
-def preview(obj: dict[str, Any], images: api.Images = api.DEFAULT_IMAGES) -> list[dict[str, Any]]:
-    """What ``start`` creates (the SpinRun) and what the controller then creates for iteration 0 (the
-    generation Job, the training Service and Job), as the controller's own builders make them."""
-    defaulted = api.load_defaulted(obj)
+def with_runtime_storage(obj: dict[str, Any], runtime: dict[str, Any] | None) -> dict[str, Any]:
+    """``obj`` with the SpinRuntime's storage where the run names no storage URI: its storage fields fill the ones
+    the run leaves unset (a run's storage is part of its identity, so it is written into the run, never resolved
+    later). A new dict."""
+    spec = obj.get("spec") or {}
+    theirs = ((runtime or {}).get("spec") or {}).get("storage") or {}
+    if (spec.get("storage") or {}).get("uri") or not theirs.get("uri"):
+        return obj
+    return {**obj, "spec": {**spec, "storage": {**theirs, **(spec.get("storage") or {})}}}
+
+
+def preview(obj: dict[str, Any], images: api.Images = api.DEFAULT_IMAGES,
+            runtime: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """What ``start`` creates (the SpinRun, shown with the copy of its SpinRuntime the controller will keep in its
+    ``status.runtime``) and what the controller then creates for iteration 0 (the generation Job, the training
+    Service and Job, their pod fields the run's spec merged over the runtime's), as the controller's own
+    builders make them."""
+    shown = {**obj, "status": {"runtime": api.runtime_snapshot(runtime)}} if runtime is not None else obj
+    defaulted = api.load_defaulted(shown)
     defaulted["metadata"] = {**obj["metadata"], "uid": DRY_RUN_UID}
     run = api.parse(defaulted, images)
     prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
-    return [obj, manifests.generate_job(run, prefix, 0), manifests.train_service(run),
+    return [shown, manifests.generate_job(run, prefix, 0), manifests.train_service(run),
             manifests.train_job(run, prefix, 0, 0)]

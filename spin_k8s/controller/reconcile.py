@@ -363,8 +363,19 @@ class Reconciler:
             except Exception as e:  # storage down or credentials wrong: say why, retry with backoff
                 store = None
                 found = planner.Lineage(error=f"{type(e).__name__}: {one_line(str(e), 300)}")
-        plan = planner.plan(run, planner.Observed(tuple(jobs), services), found, _now(),
-                            invalid="; ".join(errors) or None)
+        observed, invalid = planner.Observed(tuple(jobs), services), "; ".join(errors) or None
+        plan = planner.plan(run, observed, found, _now(), invalid=invalid)
+        if "runtime" not in run.status and plan.creates():
+            # The run's first Job: its SpinRuntime is read now, once; the copy kept in status builds every Job.
+            name = run.spec.runtime or api.DEFAULT_RUNTIME
+            runtime = self._runtime(name)
+            if runtime is None and run.spec.runtime:
+                held = planner.runtime_missing(run, name, _now())
+                self._write_status(obj, run, held)
+                raise ActionFailed(held.events[0].message)  # the queue retries with backoff
+            obj = {**obj, "status": {**(obj.get("status") or {}), "runtime": api.runtime_snapshot(runtime)}}
+            run = api.parse(obj, self.images)
+            plan = planner.plan(run, observed, found, _now(), invalid=invalid)
         for action in plan.actions:
             try:
                 self._apply(run, obj, store, action)
@@ -376,6 +387,17 @@ class Reconciler:
         if found.error:
             raise RuntimeError(found.error)  # the queue retries with backoff
         return bool(plan.actions) or status_changed
+
+    def _runtime(self, name: str) -> dict[str, Any] | None:
+        """The SpinRuntime ``name``; None where it (or the SpinRuntime API) does not exist."""
+        try:
+            found: dict[str, Any] = self.kube.objects.get_cluster_custom_object(
+                api.GROUP, api.VERSION, api.RUNTIME_PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return found
 
     def _remember(self, uid: str, read_at: float, steps: dict[tuple[int, str], dict[str, Any]]) -> None:
         self._lineage[uid] = (read_at, steps)

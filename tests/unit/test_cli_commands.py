@@ -62,9 +62,11 @@ class FakeCluster:
     """Answers the client calls spinctl makes (objects, batch and core are all this object)."""
 
     def __init__(self, runs: list[dict[str, Any]], jobs: tuple[Any, ...] = (), pods: tuple[Any, ...] = (),
-                 logs: dict[str, str] | None = None, secrets: dict[str, dict[str, str]] | None = None) -> None:
+                 logs: dict[str, str] | None = None, secrets: dict[str, dict[str, str]] | None = None,
+                 runtimes: dict[str, dict[str, Any]] | None = None) -> None:
         self.runs = runs  # successive answers to a get; the last one stays
         self.jobs, self.pods, self.logs, self.secrets = jobs, pods, logs or {}, secrets or {}
+        self.runtimes = runtimes or {}  # SpinRuntimes by name
         self.namespace = self.namespace_flag = "ns"
         self.patches: list[dict[str, Any]] = []
         self.created: list[dict[str, Any]] = []
@@ -74,6 +76,13 @@ class FakeCluster:
         if not self.runs:
             raise ApiException(status=404, reason="Not Found")
         return copy.deepcopy(self.runs.pop(0) if len(self.runs) > 1 else self.runs[0])
+
+    def get_cluster_custom_object(self, group: str, version: str, plural: str, name: str,
+                                  **kwargs: Any) -> dict[str, Any]:
+        assert plural == api.RUNTIME_PLURAL
+        if name not in self.runtimes:
+            raise ApiException(status=404, reason="Not Found")
+        return copy.deepcopy(self.runtimes[name])
 
     def list_namespaced_custom_object(self, *args: str, **kwargs: Any) -> dict[str, Any]:
         return {"items": [copy.deepcopy(self.runs[-1])]}
@@ -292,3 +301,58 @@ def test_start_refuses_a_missing_secret_before_creating_anything(cluster: Callab
                                       'checks): Secret "s3" not found in namespace "ns" (--storage-secret, '
                                       'spec.storage.credentialsSecret)')
     assert spinctl(*args, "--no-preflight").exit_code == 0 and len(fake.created) == 1
+
+
+def runtime(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": api.API_VERSION, "kind": api.RUNTIME_KIND,
+            "metadata": {"name": name, "resourceVersion": "42"}, "spec": spec}
+
+
+START = ["start", "--name", "demo", "--model", "s3://models/sft", "--dataset", "s3://data/sft.jsonl", "--iterations",
+         "2", "--no-preflight"]
+
+
+def test_start_takes_its_storage_from_the_runtime_and_writes_it_into_the_run(
+        cluster: Callable[..., FakeCluster]) -> None:
+    storage = {"uri": "s3://platform/spin", "credentialsSecret": "s3", "endpoint": "http://minio:9000"}
+    fake = cluster([], runtimes={"default": runtime("default", storage=storage), "gpu": runtime("gpu")})
+    assert spinctl(*START).exit_code == 0
+    assert fake.created[-1]["spec"]["storage"] == storage and "runtime" not in fake.created[-1]["spec"]
+    # The run's own storage fields win over the runtime's; the runtime fills the rest.
+    assert spinctl(*START, "--storage-secret", "mine").exit_code == 0
+    assert fake.created[-1]["spec"]["storage"] == {**storage, "credentialsSecret": "mine"}
+    # A runtime named: written into the run for the controller; it has no storage, so none is taken.
+    refused = spinctl(*START, "--runtime", "gpu")
+    assert refused.exit_code == 1 and refused.output.strip() == (
+        'Error: --storage is required (spec.storage.uri): SpinRuntime "gpu" sets no storage.uri')
+    assert spinctl(*START, "--runtime", "gpu", "--storage", "s3://mine/spin").exit_code == 0
+    assert fake.created[-1]["spec"]["runtime"] == "gpu"
+    missing = spinctl(*START, "--runtime", "cpu")
+    assert missing.output.strip() == 'Error: spinruntime "cpu" not found (kubectl get spinruntimes)'
+    assert len(fake.created) == 3
+
+
+def test_start_without_a_runtime_or_storage_is_one_line(cluster: Callable[..., FakeCluster]) -> None:
+    fake = cluster([])
+    refused = spinctl(*START)
+    assert refused.exit_code == 1 and fake.created == []
+    assert refused.output.strip() == ('Error: --storage is required (spec.storage.uri): no SpinRuntime "default" '
+                                      "gives one")
+
+
+def test_dry_run_shows_the_runtime_copy_and_jobs_built_from_the_merge(cluster: Callable[..., FakeCluster]) -> None:
+    fake = cluster([], runtimes={"default": runtime("default", nodeSelector={"pool": "gpu", "zone": "a"},
+                                                    shmSize={"train": "32Gi"}, storage={"uri": "s3://platform/spin"})})
+    out = spinctl(*START, "--set", "nodeSelector.zone=b", "--dry-run", "-o", "yaml")
+    assert out.exit_code == 0, out.output
+    run, gen, _, train = yaml.safe_load_all(out.output)
+    assert run["spec"]["storage"] == {"uri": "s3://platform/spin"} and run["spec"]["nodeSelector"] == {"zone": "b"}
+    assert run["status"]["runtime"] == {"name": "default", "resourceVersion": "42",
+                                        "spec": fake.runtimes["default"]["spec"]}
+    for job in (gen, train):
+        assert job["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "gpu", "zone": "b"}
+    (shm,) = [v for v in train["spec"]["template"]["spec"]["volumes"] if v["name"] == "shm"]
+    assert shm["emptyDir"]["sizeLimit"] == "32Gi"
+    assert fake.created == []
+    names = spinctl(*START, "--dry-run").output.splitlines()
+    assert names[-1] == "with spinruntime/default under the run's spec (-o yaml shows both)"

@@ -1,6 +1,7 @@
-"""The SpinRun CRD's schema as users meet it: every field described (what `kubectl explain` shows), the fields
-that define a run immutable once it is created while the ones spinctl and users change during a run are not,
-and the name and queueName rules the same online (CEL, schema pattern) as offline (spinctl, local runs)."""
+"""The SpinRun and SpinRuntime CRDs' schemas as users meet them: every field described (what `kubectl explain`
+shows), the fields that define a run immutable once it is created while the ones spinctl and users change during a
+run are not, the SpinRuntime's fields the SpinRun's of the same names, and the name and queueName rules the same
+online (CEL, schema pattern) as offline (spinctl, local runs)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ IDENTITY = {"model", "dataset", "iterations", "storage", "data", "generation", "
 OPERATIONAL = {"suspend", "restartLimit", "queueName", "images", "resources", "shmSize", "scratchSize", "scratchVolume",
                "env", "volumes", "volumeMounts", "activeDeadlineSeconds", "imagePullSecrets", "priorityClassName",
                "affinity", "podLabels", "podAnnotations", "nodeSelector", "tolerations", "serviceAccountName"}
+# Read once, before the run's first Job (the copy in status.runtime builds every Job): a later change would do nothing.
+RESOLVED_ONCE = {"runtime"}
+# The pod infrastructure a SpinRuntime sets for runs: every operational field but the run's own pacing.
+INFRASTRUCTURE = OPERATIONAL - {"suspend", "restartLimit"}
 
 
 def properties(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -42,35 +47,51 @@ def immutable_message(name: str) -> str:
     return f"{name} is immutable once the run is created"
 
 
-def test_every_property_has_a_description() -> None:
+@pytest.mark.parametrize("schema", [api.schema(), api.runtime_schema()], ids=[api.KIND, api.RUNTIME_KIND])
+def test_every_property_has_a_description(schema: dict[str, Any]) -> None:
     # metadata is the one exception: the API server refuses a description there and shows ObjectMeta's own.
-    found = dict(properties(api.schema()))
+    found = dict(properties(schema))
     undescribed = [path for path, prop in found.items()
                    if path != "metadata" and not str(prop.get("description", "")).strip()]
     assert undescribed == [], f"{len(undescribed)} of {len(found)} CRD properties have no description: {undescribed}"
     assert "description" not in found["metadata"]
-    assert api.schema()["description"]  # `kubectl explain spinrun` itself
+    assert schema["description"]  # `kubectl explain spinrun` itself
+
+
+def test_a_runtime_field_is_the_spinrun_field_of_its_name() -> None:
+    """The same schema (bounds, rules, descriptions), so a value valid in a SpinRuntime is valid in a run and the
+    merge of the two is one the SpinRun schema describes; storage's fields are a run's spec.storage's."""
+    ours, runs = api.runtime_schema()["properties"]["spec"], api.schema()["properties"]["spec"]
+    assert set(ours["properties"]) == INFRASTRUCTURE | {"storage"}
+    for name in INFRASTRUCTURE:
+        assert ours["properties"][name] == runs["properties"][name], name
+    assert ours["properties"]["storage"]["properties"] == runs["properties"]["storage"]["properties"]
+    assert "required" not in ours["properties"]["storage"] and not rules(ours["properties"]["storage"])
+    # The spec-level rules that span two of these fields: a mount names a volume of its own role.
+    assert rules(ours) == [r for r in rules(runs) if "volumeMounts" in r["rule"]]
+    assert api.crd("runtime-crd.yaml")["spec"]["scope"] == "Cluster"
 
 
 def test_the_fields_that_define_a_run_are_immutable_and_the_others_are_not() -> None:
     spec = api.schema()["properties"]["spec"]
-    assert set(spec["properties"]) == IDENTITY | OPERATIONAL  # a new field must be put in one of them
+    assert set(spec["properties"]) == IDENTITY | OPERATIONAL | RESOLVED_ONCE  # a new field must be put in one
     frozen = {name for name, prop in spec["properties"].items()
               if {"rule": "self == oldSelf", "message": immutable_message(name)} in rules(prop)}
-    assert frozen == IDENTITY
-    for name in IDENTITY:
+    assert frozen == IDENTITY | RESOLVED_ONCE
+    for name in IDENTITY | RESOLVED_ONCE:
         assert "Immutable" in spec["properties"][name]["description"], name  # kubectl explain says so
     # A rule on a field is not evaluated when the field is added or removed: the optional ones (no default) are
     # held at the spec level as well.
-    optional = {n for n in IDENTITY if n not in spec["required"] and "default" not in spec["properties"][n]}
-    assert optional == {"iterationOverrides", "earlyStop"}
+    optional = {n for n in IDENTITY | RESOLVED_ONCE
+                if n not in spec["required"] and "default" not in spec["properties"][n]}
+    assert optional == {"iterationOverrides", "earlyStop", "runtime"}
     for name in optional:
         assert {"rule": f"has(self.{name}) == has(oldSelf.{name})", "message": immutable_message(name),
                 "fieldPath": f".{name}"} in rules(spec)
     # Nothing else is a transition rule: suspend, and everything the controller writes (status), stay free.
     transitions = [(path, r["rule"]) for path, prop in [("", api.schema()), *properties(api.schema())]
                    for r in rules(prop) if "oldSelf" in r["rule"]]
-    assert sorted(p for p, _ in transitions) == sorted(["spec", "spec", *(f"spec.{n}" for n in IDENTITY)])
+    assert sorted(p for p, _ in transitions) == sorted(["spec"] * 3 + [f"spec.{n}" for n in IDENTITY | RESOLVED_ONCE])
 
 
 def root_rule(pattern: str) -> tuple[dict[str, Any], str]:
