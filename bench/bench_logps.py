@@ -42,14 +42,16 @@ def build(args: argparse.Namespace) -> tuple[Any, batching.Batch]:
     model = LlamaForCausalLM(config).to(args.device).train()
     g = torch.Generator().manual_seed(1)
     prompt = args.length // 4
-    pairs = [batching.Pair(real=torch.randint(5, args.vocab, (args.length,), generator=g).tolist(),
-                           generated=torch.randint(5, args.vocab, (args.length - k,), generator=g).tolist(),
-                           prompt_len=prompt) for k in range(args.sequences // 2)]
+    pairs = []
+    for k in range(args.sequences // 2):
+        real = torch.randint(5, args.vocab, (args.length,), generator=g).tolist()
+        generated = real[:prompt] + torch.randint(5, args.vocab, (args.length - k - prompt,), generator=g).tolist()
+        pairs.append(batching.Pair(real=real, generated=generated, prompt_len=prompt))
     return model, batching.collate(pairs, pad_id=0).to(torch.device(args.device))
 
 
 def one_pass(model: Any, batch: batching.Batch, chunk: int) -> None:
-    weights = torch.linspace(-1.0, 1.0, batch.input_ids.shape[0], device=batch.input_ids.device)
+    weights = torch.linspace(-1.0, 1.0, 2 * batch.pairs, device=batch.input_ids.device)
     (train.batch_logps(model, batch, chunk) * weights).sum().backward()
     model.zero_grad(set_to_none=True)
 

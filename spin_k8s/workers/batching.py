@@ -1,5 +1,5 @@
 """Pairs to tensors for the training worker: tokenized pairs, the data order, length-grouped micro-batches
-and their collation (real first, then generated; see ``loss``).
+and their collation (one row per pair, its prompt once; log-probs real first, then generated; see ``loss``).
 
 The order is a pure function of (pair lengths, global batch, seed, epoch), so every rank, and a run
 resumed after a crash, sees the same pairs at the same step. Padding is kept small twice: global batches are
@@ -38,16 +38,30 @@ class Pair:
 
 @dataclass(frozen=True)
 class Batch:
-    """A collated micro-batch of B pairs as 2B sequences, real rows first."""
+    """A collated micro-batch of B pairs, one row each: the prompt once, then the real response, then the
+    generated one. The generated response attends to the prompt and to itself, never to the real response, and
+    its positions continue the prompt's, so each token sees exactly what it would in its own sequence: the two
+    branches of a pair in one forward that computes the shared prompt once (2B sequences would compute it twice).
 
-    input_ids: torch.Tensor  # (2B, T)
-    attention_mask: torch.Tensor  # (2B, T), 1 on real tokens, 0 on padding
-    response_mask: torch.Tensor  # (2B, T), 1 on response tokens only
+    ``targets`` are the N response tokens as (row, col, label, out): the hidden state at (row, col) predicts
+    ``label``, and its log-prob adds to log-prob ``out`` of 2B, the B real responses first (``loss``'s order). A
+    generated response's first token is predicted by the prompt's last position, which the real one shares."""
+
+    input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, 1, T, T) bool: query position (row 3) may attend to key position (row 4)
+    targets: torch.Tensor  # (N, 4) long: row, col, label, out
     ref_logps: torch.Tensor | None  # (2B,) when every pair carries reference log-probs
+    tokens: int  # of the 2B sequences, each prompt counted in both: what throughput counts
+
+    @property
+    def pairs(self) -> int:
+        return int(self.input_ids.shape[0])
 
     def to(self, device: torch.device) -> Batch:
         ref = None if self.ref_logps is None else self.ref_logps.to(device)
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), ref)
+        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.attention_mask.to(device),
+                     self.targets.to(device), ref, self.tokens)
 
 
 def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
@@ -89,19 +103,33 @@ def micro_batches(indices: Sequence[int], lengths: Sequence[int], micro_batch_si
 
 
 def collate(pairs: Sequence[Pair], pad_id: int) -> Batch:
-    """Right-padded (2B, T) tensors for B pairs, the B real sequences first, then the B generated ones."""
-    sequences = [p.real for p in pairs] + [p.generated for p in pairs]
-    prompt_lens = [p.prompt_len for p in pairs] * 2
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # (2B, T)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (2B, T)
-    response_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (2B, T)
-    for row, (seq, plen) in enumerate(zip(sequences, prompt_lens, strict=True)):
-        input_ids[row, :len(seq)] = torch.tensor(seq)
-        attention_mask[row, :len(seq)] = 1
-        response_mask[row, plen:len(seq)] = 1
+    """Right-padded tensors for B pairs, one row each (see :class:`Batch`)."""
+    b = len(pairs)
+    width = max(len(p.real) + len(p.generated) - p.prompt_len for p in pairs)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)  # (B, T)
+    position_ids = torch.zeros((b, width), dtype=torch.long)  # (B, T)
+    allowed = torch.zeros((b, width, width), dtype=torch.bool)  # (B, T, T)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    targets = []
+    for row, p in enumerate(pairs):
+        plen, real_end = p.prompt_len, len(p.real)
+        if p.real[:plen] != p.generated[:plen]:
+            raise ValueError(f"pair {row}: its real and generated sequences do not start with the same prompt")
+        end = real_end + len(p.generated) - plen
+        input_ids[row, :real_end] = torch.tensor(p.real)
+        input_ids[row, real_end:end] = torch.tensor(p.generated[plen:])
+        position_ids[row, :real_end] = torch.arange(real_end)
+        position_ids[row, real_end:end] = torch.arange(plen, len(p.generated))
+        allowed[row, :real_end, :real_end] = causal[:real_end, :real_end]  # prompt and real response
+        allowed[row, real_end:end, :plen] = True  # the generated response sees the prompt ...
+        allowed[row, real_end:end, real_end:end] = causal[:end - real_end, :end - real_end]  # ... and itself
+        allowed[row, end:, end:] = torch.eye(width - end, dtype=torch.bool)  # padding: itself (no empty row)
+        targets += [(row, col - 1, p.real[col], row) for col in range(plen, real_end)]
+        targets += [(row, plen - 1 if k == 0 else real_end + k - 1, p.generated[plen + k], b + row)
+                    for k in range(len(p.generated) - plen)]
     refs = [p.ref_real for p in pairs] + [p.ref_generated for p in pairs]
     ref_logps = None
     if all(r is not None for r in refs):
         ref_logps = torch.tensor(refs, dtype=torch.float32)  # (2B,)
-    return Batch(input_ids, attention_mask, response_mask, ref_logps)
+    return Batch(input_ids, position_ids, allowed.unsqueeze(1), torch.tensor(targets, dtype=torch.long).view(-1, 4),
+                 ref_logps, sum(len(p.real) + len(p.generated) for p in pairs))

@@ -6,9 +6,9 @@ trainer), which projects only the response tokens' positions to the vocabulary a
 them at a time, so the fp32 logits of a whole batch never exist at once: at a 128k vocabulary they would be
 ~0.5 GB per 1000 tokens, many GB per micro-batch.
 
-Batch convention, used everywhere a pair batch is built: real and generated sequences go through the policy
-in ONE concatenated forward, the B real sequences first, then the B generated ones, so rows ``[:B]`` and
-``[B:]`` of every (2B, ...) tensor are the two halves of the same B pairs.
+Batch convention, used everywhere a pair batch is built: the trainer's log-probs come as (2B,), the B real
+responses first, then the B generated ones, so ``[:B]`` and ``[B:]`` are the two halves of the same B pairs
+(``batching.Batch`` computes both from one row per pair, the prompt once).
 """
 
 from __future__ import annotations
@@ -46,15 +46,16 @@ def _token_logps(head: torch.nn.Linear, states: torch.Tensor, labels: torch.Tens
     return logits.gather(1, labels.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)  # (n,)
 
 
-def response_logps(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: torch.Tensor,
-                   response_mask: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    """``sequence_logps`` of the logits ``head(hidden)``, without computing them whole.
+def response_logps(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, outputs: int,
+                   chunk_tokens: int) -> torch.Tensor:
+    """Summed log-probs of response tokens from the model's final hidden states, without its whole logits.
 
-    ``hidden`` (B, T, H) are the model's final hidden states, ``head`` its LM head, ``input_ids`` and
-    ``response_mask`` (B, T). Only the positions that predict a response token are projected (prompt and
-    padding positions never reach the head), ``chunk_tokens`` at a time. With gradients on, each chunk is
-    recomputed in backward instead of keeping its logits for it (activation checkpointing): autograd would
-    otherwise save every chunk's fp32 logits, the whole tensor again. Returns (B,) in float32.
+    ``hidden`` (B, T, H) are the model's final hidden states, ``head`` its LM head, ``targets`` (N, 4) the
+    response tokens as (row, col, label, out) (``batching.Batch``): the state at (row, col) predicts ``label``,
+    whose log-prob adds to sum ``out`` of ``outputs``. Only those positions are projected (prompt and padding
+    positions never reach the head), ``chunk_tokens`` at a time. With gradients on, each chunk is recomputed in
+    backward instead of keeping its logits for it (activation checkpointing): autograd would otherwise save
+    every chunk's fp32 logits, the whole tensor again. Returns (outputs,) in float32.
 
     The chunks are projected inside ONE call of ``head``, whatever their number: under ZeRO-3 each call of a
     module gathers its weights from every rank, collectively, so a call per chunk would have ranks with
@@ -63,8 +64,7 @@ def response_logps(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: torch
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    rows, cols = response_mask[:, 1:].nonzero(as_tuple=True)  # (N,) each: position cols predicts token cols + 1
-    labels = input_ids[rows, cols + 1]  # (N,)
+    rows, cols, labels, outs = targets.unbind(1)  # (N,) each
     score = functools.partial(_token_logps, head)
 
     def project(states: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N,)
@@ -79,7 +79,16 @@ def response_logps(hidden: torch.Tensor, head: torch.nn.Linear, input_ids: torch
         tokens = head(hidden[rows, cols])  # (N,)
     finally:
         del head.forward  # the class's forward again
-    return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, tokens)  # (B,)
+    return torch.zeros(outputs, dtype=torch.float32, device=hidden.device).index_add(0, outs, tokens)  # (outputs,)
+
+
+def logits_logps(logits: torch.Tensor, targets: torch.Tensor, outputs: int) -> torch.Tensor:
+    """``response_logps`` from a model's own logits (B, T, V), for a model whose logits are not its head's
+    output (a soft-cap in its forward); the whole logits exist here. Returns (outputs,) in float32."""
+    rows, cols, labels, outs = targets.unbind(1)  # (N,) each
+    picked = logits[rows, cols].float()  # (N, V)
+    tokens = picked.gather(1, labels.unsqueeze(1)).squeeze(1) - picked.logsumexp(dim=-1)  # (N,)
+    return torch.zeros(outputs, dtype=torch.float32, device=logits.device).index_add(0, outs, tokens)
 
 
 def spin_loss(

@@ -254,16 +254,27 @@ def load_pairs(uris: Sequence[str], tokenizer: PreTrainedTokenizerBase, s: Train
     return pairs
 
 
+def _mask(model: Any, batch: batching.Batch) -> torch.Tensor:
+    """The batch's attention mask as the additive float mask every attention implementation takes (0 where a
+    position may attend, the dtype's minimum where not), in the model's compute dtype."""
+    import torch
+
+    dtype = getattr(model, "module", model).get_input_embeddings().weight.dtype
+    return torch.zeros(batch.attention_mask.shape, dtype=dtype, device=batch.attention_mask.device).masked_fill(
+        ~batch.attention_mask, torch.finfo(dtype).min)
+
+
 def last_position(model: Callable[..., Any], batch: batching.Batch) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """One forward of the model (a DeepSpeed engine or a Hugging Face model) whose own LM head computes the last
-    position only: (its logits (2B, 1, V), the decoder's final hidden states (2B, T, H), the LM head). The model
+    position only: (its logits (B, 1, V), the decoder's final hidden states (B, T, H), the LM head). The model
     runs whole, as its forward hooks (ZeRO-3 gathers weights in them) expect; the hidden states are taken from
     the decoder on the way."""
     net: Any = getattr(model, "module", model)  # a DeepSpeed engine wraps the Hugging Face model
     hidden: list[torch.Tensor] = []
     hook = net.get_decoder().register_forward_hook(lambda _module, _args, out: hidden.append(out[0]))
     try:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=_mask(model, batch),
+                    logits_to_keep=1, use_cache=False)
     finally:
         hook.remove()
     return out.logits, hidden[0], net.get_output_embeddings()
@@ -271,16 +282,18 @@ def last_position(model: Callable[..., Any], batch: batching.Batch) -> tuple[tor
 
 def batch_logps(model: Callable[..., Any], batch: batching.Batch,
                 chunk_tokens: int = LOGITS_CHUNK_TOKENS) -> torch.Tensor:
-    """Summed response log-probs of the batch's 2B sequences in one forward; (2B,). The response positions'
-    hidden states are projected by ``loss.response_logps``, ``chunk_tokens`` at a time; 0: from the model's own
-    logits, whole (for an architecture whose logits are not its LM head's output: ``head_gives_the_logits``)."""
-    from spin_k8s.workers.loss import response_logps, sequence_logps
+    """Summed response log-probs of the batch's B pairs in one forward; (2B,), real first. The response
+    positions' hidden states are projected by ``loss.response_logps``, ``chunk_tokens`` at a time; 0: from the
+    model's own logits, whole (for an architecture whose logits are not its LM head's output:
+    ``head_gives_the_logits``)."""
+    from spin_k8s.workers.loss import logits_logps, response_logps
 
     if not chunk_tokens:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        return sequence_logps(out.logits, batch.input_ids, batch.response_mask)  # (2B,)
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=_mask(model, batch),
+                    use_cache=False)
+        return logits_logps(out.logits, batch.targets, 2 * batch.pairs)  # (2B,)
     _, hidden, head = last_position(model, batch)
-    return response_logps(hidden, head, batch.input_ids, batch.response_mask, chunk_tokens)  # (2B,)
+    return response_logps(hidden, head, batch.targets, 2 * batch.pairs, chunk_tokens)  # (2B,)
 
 
 def head_gives_the_logits(model: Callable[..., Any], batch: batching.Batch) -> bool:
@@ -618,7 +631,8 @@ def train(s: TrainSettings) -> int:
             engine.backward(losses.mean())
             engine.step()  # an optimizer step at the accumulation boundary, else gradient accumulation
             sums += torch.stack([losses.detach().sum(), real.sum(), generated.sum(), (real > generated).sum(),
-                                 torch.tensor(b, device=engine.device), batch.attention_mask.sum()]).double()
+                                 torch.tensor(b, device=engine.device),
+                                 torch.tensor(batch.tokens, device=engine.device)]).double()
         torch.distributed.all_reduce(sums)
         seconds = time.monotonic() - began
         loss, real_reward, generated_reward, correct, n, tokens = sums.tolist()

@@ -51,20 +51,30 @@ def test_micro_batches_split_a_global_batch_over_ranks_by_length() -> None:
     assert flat == indices  # every pair exactly once
 
 
-def test_collate_puts_real_rows_first_and_masks_prompt_and_padding() -> None:
+def test_collate_runs_a_pair_as_one_row_each_token_seeing_what_it_would_in_its_own_sequence() -> None:
     pairs = [batching.Pair(real=[1, 2, 3, 4], generated=[1, 2, 9], prompt_len=2, ref_real=-1.0, ref_generated=-2.0),
              batching.Pair(real=[5, 6, 7, 8, 8, 8], generated=[5, 6, 7, 0], prompt_len=3, ref_real=-3.0,
                            ref_generated=-4.0)]
     batch = batching.collate(pairs, pad_id=0)
-    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 0, 0], [5, 6, 7, 8, 8, 8], [1, 2, 9, 0, 0, 0], [5, 6, 7, 0, 0, 0]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]]
-    assert batch.response_mask.tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1], [0, 0, 1, 0, 0, 0],
-                                            [0, 0, 0, 1, 0, 0]]
-    assert int(batch.attention_mask.sum()) == 17
+    # prompt once, real response, generated response; right-padded
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 9, 0, 0], [5, 6, 7, 8, 8, 8, 0]]
+    # the generated response's positions continue the prompt's, as in its own sequence
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 0], [0, 1, 2, 3, 4, 5, 3]]
+    # row 0: the generated token (index 4) sees the prompt (0, 1) and itself, not the real response (2, 3)
+    assert batch.attention_mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0, 1]]
+    # (row, state position, label, output): real responses are outputs 0..B-1, generated ones B..2B-1; a
+    # generated response's first token is predicted by the prompt's last position
+    assert batch.targets.tolist() == [[0, 1, 3, 0], [0, 2, 4, 0], [0, 1, 9, 2],
+                                      [1, 2, 8, 1], [1, 3, 8, 1], [1, 4, 8, 1], [1, 2, 0, 3]]
+    assert batch.tokens == 17  # of the 2B sequences, what throughput counts
     assert batch.ref_logps is not None and batch.ref_logps.tolist() == [-1.0, -3.0, -2.0, -4.0]
     no_refs = batching.collate([batching.Pair(real=[1, 2], generated=[1, 3], prompt_len=1)], pad_id=0)
     assert no_refs.ref_logps is None
-    assert torch.equal(no_refs.input_ids, torch.tensor([[1, 2], [1, 3]]))
+    assert torch.equal(no_refs.input_ids, torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="same prompt"):
+        batching.collate([batching.Pair(real=[1, 2], generated=[4, 3], prompt_len=1)], pad_id=0)
 
 
 def test_linear_schedule_with_warmup() -> None:

@@ -62,6 +62,20 @@ def naive_logps(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> 
     return out
 
 
+def separate(pairs: list[batching.Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The plain layout the trainer's shared-prompt rows must agree with: 2B right-padded sequences, the B real
+    ones first, as (input_ids, attention_mask, response_mask), each (2B, T)."""
+    sequences = [p.real for p in pairs] + [p.generated for p in pairs]
+    prompt_lens = [p.prompt_len for p in pairs] * 2
+    ids = torch.zeros((len(sequences), max(map(len, sequences))), dtype=torch.long)
+    attention, response = torch.zeros_like(ids), torch.zeros_like(ids)
+    for row, (seq, plen) in enumerate(zip(sequences, prompt_lens, strict=True)):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        attention[row, :len(seq)] = 1
+        response[row, plen:len(seq)] = 1
+    return ids, attention, response
+
+
 def test_sequence_logps_matches_a_naive_loop_and_ignores_prompt_and_padding() -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, 11, (3, 7))
@@ -88,7 +102,8 @@ def test_sequence_logps_matches_a_naive_loop_and_ignores_prompt_and_padding() ->
 
 
 def test_batch_logps_with_a_real_model_matches_full_logits(tmp_path: Path) -> None:
-    """The trainer projects only the response positions, a few at a time: same numbers as the full forward."""
+    """The trainer runs a pair as one row (its prompt once) and projects only the response positions, a few at a
+    time: the same numbers as the full forward of the real and the generated sequence apart."""
     texts = ["hello world", "a b c d e f", "numbers 1 2 3 4"]
     model_dir = tiny.build_model(tmp_path / "m", texts, tiny.TinyConfig(hidden_size=64, num_heads=1,
                                                                        num_kv_heads=1), seed=1)
@@ -98,12 +113,13 @@ def test_batch_logps_with_a_real_model_matches_full_logits(tmp_path: Path) -> No
     pairs = [batching.Pair(real=[5, 6, 7, 8, 9, 10], generated=[5, 6, 7, 11], prompt_len=3),
              batching.Pair(real=[12, 13, 14, 15, 16], generated=[12, 13, 14, 15, 17, 18, 19, 20], prompt_len=4)]
     batch = batching.collate(pairs, pad_id=0)
+    ids, attention, response = separate(pairs)
     with torch.no_grad():
-        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        for chunk in (1, 3, train.LOGITS_CHUNK_TOKENS):
+        full = model(input_ids=ids, attention_mask=attention).logits
+        for chunk in (0, 1, 3, train.LOGITS_CHUNK_TOKENS):
             got = train.batch_logps(model, batch, chunk)
             assert got.shape == (4,)
-            assert got.tolist() == pytest.approx(naive_logps(full, batch.input_ids, batch.response_mask), abs=1e-4)
+            assert got.tolist() == pytest.approx(naive_logps(full, ids, response), abs=1e-4)
 
 
 class VocabTensors(TorchDispatchMode):
@@ -152,7 +168,7 @@ def narrow_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
-def long_batch(vocab: int) -> batching.Batch:
+def long_pairs(vocab: int) -> list[batching.Pair]:
     """4 pairs (8 sequences) of 20-30 tokens with prompts of 5-9: about 130 response tokens, padding included."""
     g = torch.Generator().manual_seed(0)
     pairs = []
@@ -161,33 +177,35 @@ def long_batch(vocab: int) -> batching.Batch:
         real = torch.randint(5, vocab, (15 + 3 * k,), generator=g).tolist()
         generated = torch.randint(5, vocab, (21 - 2 * k,), generator=g).tolist()
         pairs.append(batching.Pair(real=prompt + real, generated=prompt + generated, prompt_len=len(prompt)))
-    return batching.collate(pairs, pad_id=0)
+    return pairs
 
 
-def logps_and_grads(model: Any, batch: batching.Batch,
+def logps_and_grads(model: Any, pairs: list[batching.Pair],
                     chunk: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], VocabTensors]:
     """(2B,) log-probs, the gradients of a weighted sum of them, and what the vocabulary-sized fp32 tensors came
-    to: the trainer's chunked path (``chunk`` positions at a time) or, with None, the full logits."""
+    to: the trainer's chunked path (``chunk`` positions at a time, on its one-row-per-pair batch) or, with None,
+    the full logits of the 2B sequences apart."""
     model.zero_grad()
-    weights = torch.linspace(-2.0, 3.0, batch.input_ids.shape[0])  # (2B,) every row's gradient counts, differently
+    weights = torch.linspace(-2.0, 3.0, 2 * len(pairs))  # (2B,) every sequence's gradient counts, differently
     probe = VocabTensors(model.config.vocab_size)
     with probe:
         with probe.saving():
             if chunk is None:
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (2B, T, V)
-                logps = sequence_logps(logits, batch.input_ids, batch.response_mask)
+                ids, attention, response = separate(pairs)
+                logits = model(input_ids=ids, attention_mask=attention).logits  # (2B, T, V)
+                logps = sequence_logps(logits, ids, response)
             else:
-                logps = train.batch_logps(model, batch, chunk)
+                logps = train.batch_logps(model, batching.collate(pairs, pad_id=0), chunk)
         (logps * weights).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return logps.detach(), grads, probe
 
 
 def test_chunked_logps_equal_the_full_logits_with_the_same_gradients(narrow_model: Any) -> None:
-    batch = long_batch(narrow_model.config.vocab_size)
-    full, full_grads, _ = logps_and_grads(narrow_model, batch, None)
+    pairs = long_pairs(narrow_model.config.vocab_size)
+    full, full_grads, _ = logps_and_grads(narrow_model, pairs, None)
     for chunk in (1, 7, 64, 10_000):
-        logps, grads, _ = logps_and_grads(narrow_model, batch, chunk)
+        logps, grads, _ = logps_and_grads(narrow_model, pairs, chunk)
         # Sums of ~25 terms near -5 each, added in another order: a few fp32 ulps of the sum apart.
         torch.testing.assert_close(logps, full, rtol=1e-6, atol=1e-6)
         assert grads.keys() == full_grads.keys() and len(grads) == len(list(narrow_model.parameters()))
@@ -200,16 +218,17 @@ def test_chunked_logps_never_hold_the_batch_logits(narrow_model: Any) -> None:
     """The full path makes (2B, T, V) fp32 tensors and keeps them for backward; the chunked one makes nothing
     above a chunk's rows, the model's own one-position head output (2B, 1, V) or the head's weight (H rows), in
     forward and in backward, and keeps none for backward: each chunk's logits are recomputed there."""
-    batch = long_batch(narrow_model.config.vocab_size)
-    rows, width = batch.input_ids.shape
+    pairs = long_pairs(narrow_model.config.vocab_size)
+    ids, _, response = separate(pairs)
+    rows, width = ids.shape
     vocab, hidden = narrow_model.config.vocab_size, narrow_model.config.hidden_size
-    responses = int(batch.response_mask[:, 1:].sum())
+    responses = int(response[:, 1:].sum())
     assert responses > 100 and rows * width > 10 * hidden  # the batch's logits dwarf everything else
-    *_, full = logps_and_grads(narrow_model, batch, None)
+    *_, full = logps_and_grads(narrow_model, pairs, None)
     # the probe sees the whole tensor where it exists
     assert full.largest >= rows * (width - 1) * vocab and full.saved >= rows * (width - 1) * vocab
     for chunk in (4, 12):
-        *_, chunked = logps_and_grads(narrow_model, batch, chunk)
+        *_, chunked = logps_and_grads(narrow_model, pairs, chunk)
         assert chunked.largest <= max(chunk, rows, hidden) * vocab < full.largest / 10
         assert chunked.saved <= hidden * vocab  # the head's weight, transposed (H, V), saved by its one position
 
@@ -226,11 +245,13 @@ def test_a_model_whose_logits_are_not_its_heads_output_is_scored_from_its_whole_
                           final_logit_softcapping=0.5)
     gemma = Gemma2ForCausalLM(config).eval()
     gemma.lm_head.weight.data *= 100  # logits of ~10, which the cap at 0.5 squashes: the two paths far apart
-    batch = long_batch(config.vocab_size)
+    pairs = long_pairs(config.vocab_size)
+    batch = batching.collate(pairs, pad_id=0)
+    ids, attention, response = separate(pairs)
     with torch.no_grad():
         assert train.head_gives_the_logits(narrow_model, batch)
         assert not train.head_gives_the_logits(gemma, batch)
-        full = gemma(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (2B, T, V)
-        expected = torch.tensor(naive_logps(full, batch.input_ids, batch.response_mask), dtype=torch.float64)
+        full = gemma(input_ids=ids, attention_mask=attention).logits  # (2B, T, V)
+        expected = torch.tensor(naive_logps(full, ids, response), dtype=torch.float64)
         torch.testing.assert_close(train.batch_logps(gemma, batch, 0).double(), expected, rtol=1e-6, atol=1e-5)
         assert (train.batch_logps(gemma, batch, 4).double() - expected).abs().max() > 1.0  # what the check prevents
