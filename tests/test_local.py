@@ -79,7 +79,7 @@ def test_two_iterations_run_locally_with_lineage(two_iterations: LocalRun, asset
                            "iterations", "restarts"}
     assert (status["iteration"], status["manifest"]) == (1, result.manifest)
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
-        "Progressing": "False", "Succeeded": "True", "Failed": "False", "Suspended": "False",
+        "Progressing": "False", "Succeeded": "True", "Failed": "False", "Suspended": "False", "Queued": "False",
         "StorageAvailable": "True"}
     assert [(i["generateJob"], i["trainJob"], i["restarts"], i["generateAttempts"], i["trainAttempts"])
             for i in status["iterations"]] == [("demo-i0-gen", "demo-i0-train", 0, 1, 1),
