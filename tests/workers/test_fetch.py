@@ -82,6 +82,19 @@ def test_a_model_that_is_not_the_one_its_writer_recorded_is_refused(
     assert [e["downloaded"] for e in fetched(capsys)] == [True]
 
 
+def started_writing(models: Path) -> bool:
+    """Whether a download has written bytes into its staging directory. Its files come and go as it runs
+    (the S3 client writes each under a temporary name, then renames it): one gone between the listing and the
+    look is no answer."""
+    for path in models.glob(".download-*/**/*"):
+        try:
+            if path.is_file() and path.stat().st_size:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
 def test_a_killed_download_is_never_used_and_the_next_one_starts_over(
         tiny_assets: tiny.TinyAssets, s3_env: None, bucket: str, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,7 +111,7 @@ def test_a_killed_download_is_never_used_and_the_next_one_starts_over(
     proc = subprocess.Popen([sys.executable, "-c", code, uri, str(tmp_path / "cache")])
     try:
         deadline = time.monotonic() + 120
-        while not any(p.is_file() and p.stat().st_size for p in models.glob(".download-*/**/*")):
+        while not started_writing(models):
             assert proc.poll() is None and time.monotonic() < deadline, "the download ended before it was caught"
             time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
