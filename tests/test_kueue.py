@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from support import Controllers, create_run, get_run, spin_run
+from support import Controllers, create_run, get_run, spin_run, unsuspend
 
 from spin_k8s import api as spin_api
 from spin_k8s import naming
@@ -73,10 +73,10 @@ def stays_suspended(api: client.ApiClient, namespace: str, job: str, seconds: fl
     return samples + [False] * (resumed() - before)
 
 
-def set_suspend(api: client.ApiClient, namespace: str, run: str, suspend: bool) -> None:
-    """What `spinctl cancel` and `spinctl resume` change."""
+def cancel(api: client.ApiClient, namespace: str, run: str) -> None:
+    """What `spinctl cancel` changes (`spinctl resume` is support.unsuspend)."""
     client.CustomObjectsApi(api).patch_namespaced_custom_object(
-        spin_api.GROUP, spin_api.VERSION, namespace, spin_api.PLURAL, run, {"spec": {"suspend": suspend}})
+        spin_api.GROUP, spin_api.VERSION, namespace, spin_api.PLURAL, run, {"spec": {"suspend": True}})
 
 
 def test_a_run_waits_queued_cancel_and_resume_go_through_kueue_and_quota_passes_to_the_next(
@@ -95,7 +95,7 @@ def test_a_run_waits_queued_cancel_and_resume_go_through_kueue_and_quota_passes_
     assert "waits for admission by Kueue (LocalQueue team)" in condition(second, "Queued")["message"]
     assert condition(get_run(api, ns, "first"), "Queued")["status"] == "False"
 
-    set_suspend(api, ns, "first", True)
+    cancel(api, ns, "first")
     first = controllers.wait_phase(api, "first", "Suspended", 60)
     job = generate_job(api, ns, "first")
     assert job is not None
@@ -109,7 +109,7 @@ def test_a_run_waits_queued_cancel_and_resume_go_through_kueue_and_quota_passes_
     assert first["status"]["phase"] == "Suspended"
 
     controllers.wait_phase(api, "second", "Succeeded", 300)  # the quota first gave back ran second's gang
-    set_suspend(api, ns, "first", False)
+    unsuspend(api, ns, "first")
     controllers.wait_phase(api, "first", "Succeeded", 300)
     assert all(w["spec"].get("active", True) for w in kueue.workloads(ns)), kueue_env.describe(kueue.workloads(ns))
 

@@ -88,7 +88,8 @@ class Kueue:
         certs.mkdir(mode=0o700, exist_ok=True)
         for name, value in secret.items():
             (certs / name).write_bytes(base64.b64decode(value))
-        wait_until("Kueue ready", lambda: _ok(f"http://127.0.0.1:{health}/readyz"), 120, [self.process])
+        wait_until("Kueue ready", lambda: urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=2)
+                   .status == 200, 120, [self.process])
         return self
 
     def _install_crds(self, webhook: int) -> None:
@@ -134,11 +135,6 @@ class Kueue:
         if self.process is not None:
             self.process.stop()
             self.process = None
-
-
-def _ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return bool(response.status == 200)
 
 
 def admitted(workload: dict[str, Any]) -> bool:
