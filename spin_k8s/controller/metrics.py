@@ -16,7 +16,7 @@ _lock = threading.Lock()
 _counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
 _HELP = {
     "spin_controller_api_requests_total": "Requests the controller sent to the Kubernetes API, by HTTP method "
-                                          "(WATCH for a watch).",
+                                          "(WATCH for a watch) and resource (leases apart from the runs' own).",
     "spin_controller_reconciles_total": "Reconciles, by result (ok, changed, error).",
     "spin_controller_s3_requests_total": "Requests the controller sent to S3 (lineage reads and writes), by operation.",
     "spin_controller_fenced_requests_total": "Writes refused before they were sent: not a leader that renewed "
@@ -49,6 +49,15 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
+def resource_of(url: str) -> str:
+    """The resource a Kubernetes API URL names: ``/apis/batch/v1/namespaces/ns/jobs/x/status`` -> ``jobs``."""
+    parts = [p for p in urllib.parse.urlsplit(url).path.split("/") if p]
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]  # past /api/v1 or /apis/GROUP/VERSION
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        rest = rest[2:]
+    return rest[0] if rest else ""
+
+
 def count_requests(api_client: Any) -> None:
     """Wrap the client's REST layer (every request, watches included, passes through it once). A watch counts
     as WATCH, as the API server counts it: what grows with time (a watch resumed) apart from what does not."""
@@ -57,7 +66,8 @@ def count_requests(api_client: Any) -> None:
 
     def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
         watching = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query).get("watch") == ["true"]
-        inc("spin_controller_api_requests_total", verb="WATCH" if watching else method.upper())
+        inc("spin_controller_api_requests_total", verb="WATCH" if watching else method.upper(),
+            resource=resource_of(url))
         return original(method, url, *args, **kwargs)
 
     rest.request = request
