@@ -39,7 +39,6 @@ log = logging.getLogger("spin_k8s.controller")
 Key = tuple[str, str]
 LEASE_NAME = "spin-k8s-controller"
 PAGE = 500  # objects per list page
-WORKERS = 2  # reconciles at once (--workers)
 
 
 class RateLimiter:
@@ -278,17 +277,6 @@ def _list(lister: Callable[..., Any], **kwargs: Any) -> tuple[list[Any], str]:
             return items, str(rv)
 
 
-def _slim(obj: Any) -> Any:
-    """``obj`` without ``metadata.managedFields`` (the server's field-ownership bookkeeping, which nothing here
-    reads), before it enters the cache: a third of a cached Job's memory (67 -> 46 KB as a client model,
-    measured on the scale bench's Jobs), and the cache holds every finished Job."""
-    if isinstance(obj, dict):
-        (obj.get("metadata") or {}).pop("managedFields", None)
-    elif getattr(obj, "metadata", None) is not None:
-        obj.metadata.managed_fields = None
-    return obj
-
-
 def _watch(stop: threading.Event, cache: Cache, kind: str, lister: Callable[..., Any],
            enqueue: Callable[[Any], None], timeouts: Timeouts, **kwargs: Any) -> None:
     """List into the cache, then watch into it, resuming from the last resourceVersion seen (bookmarks move it
@@ -298,7 +286,7 @@ def _watch(stop: threading.Event, cache: Cache, kind: str, lister: Callable[...,
         try:
             if rv is None:
                 items, rv = _list(lister, **kwargs)
-                cache.replace(kind, [_slim(item) for item in items])
+                cache.replace(kind, items)
                 for item in items:
                     enqueue(item)
             w = watch.Watch()
@@ -308,7 +296,7 @@ def _watch(stop: threading.Event, cache: Cache, kind: str, lister: Callable[...,
             for event in stream:
                 if stop.is_set():
                     return
-                obj = _slim(event["object"])
+                obj = event["object"]
                 if event["type"] == "DELETED":
                     cache.delete(kind, obj)
                 elif event["type"] in ("ADDED", "MODIFIED"):
@@ -332,7 +320,7 @@ def _watch(stop: threading.Event, cache: Cache, kind: str, lister: Callable[...,
 class Manager:
     def __init__(self, api_client: client.ApiClient, namespace: str | None, identity: str,
                  lease_namespace: str, leader_elect: bool = True, resync_seconds: float = 30.0,
-                 workers: int = WORKERS, lease: LeaseTimes = LeaseTimes(), timeouts: Timeouts = Timeouts(),
+                 workers: int = 2, lease: LeaseTimes = LeaseTimes(), timeouts: Timeouts = Timeouts(),
                  images: api.Images = api.DEFAULT_IMAGES, policy: StoragePolicy = LOCKED_DOWN,
                  storage_check_seconds: float = 300.0) -> None:
         self.api = api_client
@@ -512,9 +500,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="the server ends each watch after this long; the client gives up on one silent for "
                              f"this plus the request timeout (default {Timeouts.watch})")
     parser.add_argument("--resync-seconds", type=float, default=30.0, help="re-plan every run this often")
-    parser.add_argument("--workers", type=int, default=WORKERS,
-                        help="reconciles at once; each mostly waits on the API server and S3, so more workers cut "
-                             f"the queue when many runs move together (default {WORKERS})")
     parser.add_argument("--storage-check-seconds", type=float, default=300.0,
                         help="read an idle run's lineage from storage at least this often, to see an outage "
                              "(between, it plans from what it read and wrote; default 300)")
@@ -546,15 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
-    configuration = client.Configuration()
-    if kubeconfig:
-        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    else:
-        config.load_incluster_config(client_configuration=configuration)
-    # Every worker, watch and the lease renewal hold a connection at once: a pool smaller than that (the client's
-    # default is 5 per CPU) discards connections, and each request after pays a new TLS handshake.
-    configuration.connection_pool_maxsize = args.workers + 8
-    api_client = client.ApiClient(configuration)
+    api_client = (config.new_client_from_config(config_file=kubeconfig) if kubeconfig
+                  else _incluster())
     refused = crdcheck.problem(api_client, args.request_timeout_seconds)
     if refused:
         log.error("refusing to start: %s", refused)
@@ -562,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics.count_requests(api_client)
     identity = f"{socket.gethostname()}-{os.getpid()}"
     manager = Manager(api_client, args.namespace, identity, args.lease_namespace, args.leader_elect,
-                      args.resync_seconds, workers=args.workers, lease=lease,
+                      args.resync_seconds, lease=lease,
                       timeouts=Timeouts(request=args.request_timeout_seconds, watch=args.watch_timeout_seconds),
                       images=api.Images(generate=args.generate_image, train=args.train_image),
                       policy=StoragePolicy(tuple(args.allowed_endpoint), tuple(args.own_identity_prefix)),
@@ -579,3 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     manager.run()
     return 0
 
+
+def _incluster() -> client.ApiClient:
+    config.load_incluster_config()
+    return client.ApiClient()
