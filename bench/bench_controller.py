@@ -161,8 +161,8 @@ def main() -> int:
         def by_verb() -> dict[str, int]:
             """Kubernetes requests by HTTP method, S3 requests by operation ("S3 GetObject")."""
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            counts = {line.split('"')[1]: int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-                      if line.startswith("spin_controller_api_requests_total{")}
+            counts = {line[line.index("{") + 1:line.index("}")]: int(float(line.rsplit(" ", 1)[1]))
+                      for line in text.splitlines() if line.startswith("spin_controller_api_requests_total{")}
             counts.update({"S3 " + line.split('"')[1]: int(float(line.rsplit(" ", 1)[1]))
                            for line in text.splitlines() if line.startswith("spin_controller_s3_requests_total{")})
             return counts
