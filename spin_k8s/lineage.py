@@ -1,10 +1,11 @@
 """Iteration lineage: what each step of a run consumed and produced, kept in object storage.
 
-Layout under the run's prefix (``naming.run_prefix``): ``steps/i{t}-{role}.json``, each written once
-(``If-None-Match: *``), and ``manifest.json``, the run's aggregate (spec, code version, every recorded
-step), updated by compare-and-swap on its ETag (``If-Match``). A writer that loses the race (412, 409, or
-404 where the object vanished) re-reads and retries. A crash between the step write and the manifest update
-replays harmlessly: the step record is found already there and the manifest catches up.
+One object under the run's prefix (``naming.run_prefix``): ``manifest.json``, the run's aggregate (spec, code
+version, every recorded step), updated by compare-and-swap on its ETag (``If-Match``; ``If-None-Match: *`` for
+the first write). A step's record is written once: a writer finding the step already recorded keeps that
+record (a replay after a crash, or a second controller). A writer that loses the race (412, 409, or 404 where
+the object vanished) re-reads and retries. A writer that knows the manifest's current version (its own last
+read or write: the controller's writes are fenced by its Lease) writes without reading first: one request.
 
 :func:`step_outputs` reads what the workers of a finished step left (shard done records, ``metrics.json``)
 for the planner's record of that step; the controller and the local executor both read outputs through it.
@@ -15,6 +16,7 @@ Stores: :class:`S3Store` (boto3 client given by the caller: each run has its own
 
 from __future__ import annotations
 
+import copy
 import datetime
 import fcntl
 import functools
@@ -41,8 +43,9 @@ class Store(Protocol):
     def get(self, key: str) -> tuple[bytes, str] | None:
         """The object and its ETag, or None when absent."""
 
-    def put(self, key: str, data: bytes, *, etag: str | None) -> bool:
-        """Write only if the object's ETag is ``etag`` (``None``: only if absent). False: lost the race."""
+    def put(self, key: str, data: bytes, *, etag: str | None) -> str | None:
+        """Write only if the object's ETag is ``etag`` (``None``: only if absent); the new ETag, or None when
+        the race was lost."""
 
 
 @dataclass(frozen=True)
@@ -61,17 +64,17 @@ class S3Store:
             return None
         return obj["Body"].read(), str(obj["ETag"])
 
-    def put(self, key: str, data: bytes, *, etag: str | None) -> bool:
+    def put(self, key: str, data: bytes, *, etag: str | None) -> str | None:
         condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
-                                   ContentType="application/json", **condition)
+            written = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                             ContentType="application/json", **condition)
         except self.client.exceptions.ClientError as e:
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status in (409, 412, 404):
-                return False
+                return None
             raise
-        return True
+        return str(written["ETag"])
 
 
 @dataclass(frozen=True)
@@ -85,19 +88,19 @@ class FileStore:
             return None
         return data, hashlib.sha256(data).hexdigest()
 
-    def put(self, key: str, data: bytes, *, etag: str | None) -> bool:
+    def put(self, key: str, data: bytes, *, etag: str | None) -> str | None:
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         with (self.root / ".lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the compare and the swap happen under one lock
             current = self.get(key)
             if (current is None) != (etag is None) or (current is not None and current[1] != etag):
-                return False
+                return None
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        return True
+        return hashlib.sha256(data).hexdigest()
 
 
 @functools.lru_cache(maxsize=64)
@@ -130,47 +133,57 @@ def _dump(value: dict[str, Any]) -> bytes:
     return json.dumps(value, indent=2, sort_keys=True).encode()
 
 
-def step_key(iteration: int, role: str) -> str:
-    return naming.step_uri("", iteration, role).lstrip("/")
-
-
 MANIFEST_KEY = "manifest.json"
 
 
-def load(store: Store) -> dict[tuple[int, str], dict[str, Any]]:
-    """The recorded steps, from the manifest (one read)."""
+@dataclass(frozen=True)
+class Manifest:
+    """The manifest as stored: its body (``{}`` when absent) and ETag (None when absent)."""
+
+    body: dict[str, Any]
+    etag: str | None
+
+    @property
+    def steps(self) -> dict[tuple[int, str], dict[str, Any]]:
+        """The recorded steps by (iteration, role)."""
+        return {(int(t), role): rec for t, roles in self.body.get("iterations", {}).items()
+                for role, rec in roles.items()}
+
+
+def read(store: Store) -> Manifest:
+    """The manifest (one read)."""
     got = store.get(MANIFEST_KEY)
-    if got is None:
-        return {}
-    manifest = json.loads(got[0])
-    return {(int(t), role): rec for t, roles in manifest.get("iterations", {}).items() for role, rec in roles.items()}
+    return Manifest({}, None) if got is None else Manifest(json.loads(got[0]), got[1])
 
 
-def record_step(store: Store, run: dict[str, Any], spec: dict[str, Any], iteration: int, role: str,
-                record: dict[str, Any]) -> dict[str, Any]:
-    """Write a step's record once, then add it to the manifest by compare-and-swap; the record as stored (an
-    earlier attempt's, where one was written first)."""
-    record = {**record, "recorded": _now()}
-    key = step_key(iteration, role)
-    if not store.put(key, _dump(record), etag=None):
-        existing = store.get(key)
-        if existing is not None:  # written by an earlier attempt that crashed before the manifest update
-            record = json.loads(existing[0])
+def load(store: Store) -> dict[tuple[int, str], dict[str, Any]]:
+    """The recorded steps (one read)."""
+    return read(store).steps
+
+
+def record_steps(store: Store, run: dict[str, Any], spec: dict[str, Any],
+                 records: Iterable[tuple[int, str, dict[str, Any]]], known: Manifest | None = None) -> Manifest:
+    """Add steps' records (iteration, role, record) to the manifest in one compare-and-swap write, each only if
+    its step has no record yet (the first record of a step stands); the manifest as stored after it.
+    ``known``: the manifest's current version where the caller knows it, so that the write needs no read."""
+    records = list(records)
+    current = known if known is not None else read(store)
     for _ in range(_CAS_ATTEMPTS):
-        got = store.get(MANIFEST_KEY)
-        if got is None:
-            manifest: dict[str, Any] = {"run": run, "spec": spec, "codeVersion": spin_k8s.__version__,
-                                        "created": _now(), "iterations": {}}
-            etag = None
-        else:
-            manifest, etag = json.loads(got[0]), got[1]
-        roles = manifest["iterations"].setdefault(str(iteration), {})
-        if roles.get(role) == record:
-            return record
-        roles[role] = record
-        manifest["updated"] = _now()
-        if store.put(MANIFEST_KEY, _dump(manifest), etag=etag):
-            return record
+        body = copy.deepcopy(current.body) or {"run": run, "spec": spec, "codeVersion": spin_k8s.__version__,
+                                               "created": _now(), "iterations": {}}
+        added = False
+        for iteration, role, record in records:
+            roles = body["iterations"].setdefault(str(iteration), {})
+            if role not in roles:
+                roles[role] = {**record, "recorded": _now()}
+                added = True
+        if not added:
+            return current
+        body["updated"] = _now()
+        etag = store.put(MANIFEST_KEY, _dump(body), etag=current.etag)
+        if etag is not None:
+            return Manifest(body, etag)
+        current = read(store)  # another writer went first: merge into what it wrote
     raise RuntimeError(f"lineage manifest: lost the compare-and-swap race {_CAS_ATTEMPTS} times")
 
 

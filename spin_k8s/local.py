@@ -312,7 +312,8 @@ class LocalJob:
             state="suspended" if self.suspended and self.state == "active" else self.state,
             succeeded=sum(self.succeeded), failed=sum(self.failures), reason=self.reason, message=self.message,
             started=self.started, finished=self.finished, stopped=self.suspended,  # only the planner suspends here
-            image=self.body["spec"]["template"]["spec"]["containers"][0]["image"])
+            image=self.body["spec"]["template"]["spec"]["containers"][0]["image"],
+            generation=planner.carried_generation(self.body["metadata"].get("annotations")))
 
     def indexes(self) -> list[IndexState]:
         return [IndexState(k in self.pods, self.succeeded[k], self.failures[k])
@@ -555,7 +556,9 @@ def run(obj: dict[str, Any], workdir: Path, *, on_event: Callable[[str], None] |
                 jobs = tuple(j.view() for j in ex.jobs.values())
                 try:
                     steps = lineage.load(store)
-                    found = planner.Lineage(steps, lineage.step_outputs(store, spinrun, prefix, jobs, steps))
+                    carried = planner.Observed(jobs).carried()
+                    found = planner.Lineage(steps, lineage.step_outputs(store, spinrun, prefix, jobs,
+                                                                        {**steps, **carried}))
                 except Exception as e:  # storage down: the status says why; the next pass retries
                     found = planner.Lineage(error=f"{type(e).__name__}: {str(e)[:300]}")
                 if found.error != storage_error:  # say so once when storage goes away and once when it is back
@@ -564,8 +567,8 @@ def run(obj: dict[str, Any], workdir: Path, *, on_event: Callable[[str], None] |
                 plan = planner.plan(spinrun, planner.Observed(jobs, frozenset(ex.services)), found, _now())
                 for action in plan.actions:
                     if isinstance(action, planner.RecordStep):
-                        lineage.record_step(store, identity, defaulted["spec"], action.iteration, action.role,
-                                            action.record)
+                        lineage.record_steps(store, identity, defaulted["spec"],
+                                             [(action.iteration, action.role, action.record)])
                         emit(f"recorded iteration {action.iteration} {action.role} in {naming.manifest_uri(prefix)}")
                     elif isinstance(action, planner.CreateJob):
                         ex.create(action.body)

@@ -23,6 +23,9 @@ LABEL_KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"  # on the Workload Kueue makes fo
 # On a Job that the controller stopped because its run was suspended (`spinctl cancel`): resuming the run
 # resumes these Jobs and no other (a Job suspended by someone else, Kueue above all, is theirs to resume).
 ANNOTATION_STOPPED = "selfplay.dev/stopped"
+# On a training Job: its iteration's generation record (JSON), written to the lineage manifest together with the
+# training record, in one write (planner.carried_generation).
+ANNOTATION_GENERATION = "selfplay.dev/generation-record"
 
 _DNS_LABEL = 63
 _INDEX_ROOM = 6  # "-" and up to 5 digits of completion index
@@ -66,10 +69,6 @@ def run_prefix(storage_uri: str, namespace: str, run: str, run_uid: str) -> str:
 
 def manifest_uri(prefix: str) -> str:
     return f"{prefix}/manifest.json"
-
-
-def step_uri(prefix: str, iteration: int, role: str) -> str:
-    return f"{prefix}/steps/i{iteration}-{role}.json"
 
 
 def synthetic_uri(prefix: str, iteration: int) -> str:

@@ -5,10 +5,15 @@ The run advances step by step through ``(iteration, generate)``, ``(iteration, t
 when its lineage record exists; a record is written (by a RecordStep action, before the status that
 reports it) once the step's Job is Complete and its outputs were read. One plan may finish a step and
 start the next, so a Job turning Complete leads to the next Job in a single reconcile.
+
+A generation step's record is carried by its iteration's training Jobs (annotation
+``naming.ANNOTATION_GENERATION``) and written with the training record, in one manifest write per iteration;
+or at once where the training cannot carry it (too large) or ends without a record (failed).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +52,8 @@ class JobView:
     # server's words from its FailedCreate event; "" when it could or nobody said).
     create_error: str = ""
     stopped: bool = False  # suspended by this controller for spec.suspend (naming.ANNOTATION_STOPPED)
+    generation: dict[str, Any] | None = None  # of a training Job: the generation record it carries
+
 
     @property
     def permanent(self) -> bool:
@@ -62,6 +69,19 @@ class JobView:
         return f"{self.reason} {self.message}".strip()
 
 
+CARRIED_MAX_BYTES = 64 * 1024  # a larger generation record (hundreds of shards) is written at once instead
+
+
+def carried_generation(annotations: dict[str, str] | None) -> dict[str, Any] | None:
+    """The generation record a training Job carries (naming.ANNOTATION_GENERATION); None when it carries none
+    or one that does not parse."""
+    try:
+        record = json.loads((annotations or {})[naming.ANNOTATION_GENERATION])
+    except (KeyError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 @dataclass(frozen=True)
 class Observed:
     """The run's Jobs and Services, sorted into buckets once."""
@@ -71,6 +91,10 @@ class Observed:
 
     def attempts(self, iteration: int, role: str) -> list[JobView]:
         return sorted((j for j in self.jobs if j.iteration == iteration and j.role == role), key=lambda j: j.attempt)
+
+    def carried(self) -> dict[tuple[int, str], dict[str, Any]]:
+        """Generation records the training Jobs carry, by step: steps whose outputs need no reading."""
+        return {(j.iteration, naming.GENERATE): j.generation for j in self.jobs if j.generation is not None}
 
 
 @dataclass(frozen=True)
@@ -164,6 +188,7 @@ class _Progress:
     made: dict[tuple[int, str], int] = field(default_factory=dict)  # attempts made, counting this plan's creates
     stalled: bool = False  # waiting on something only a person can fix (pods refused): not Progressing
     queued: str = ""  # why the current step's Job waits suspended by someone else (Kueue), "" when it does not
+    unrecorded: dict[int, dict[str, Any]] = field(default_factory=dict)  # generation records not yet written
 
 
 def generate_record(run: api.SpinRun, prefix: str, job: JobView, output: dict[str, Any]) -> dict[str, Any]:
@@ -209,8 +234,12 @@ def attempts_made(run: api.SpinRun, obs: Observed, t: int, role: str) -> int:
 
 def _step(run: api.SpinRun, prefix: str, obs: Observed, lineage: Lineage, t: int, role: str,
           p: _Progress) -> bool:
-    """Plan one step; True when it is done (recorded now or before) and the next step may be planned."""
+    """Plan one step; True when it is done (recorded now or before, or carried by a training Job) and the next
+    step may be planned."""
     if (t, role) in lineage.steps:
+        return True
+    if role == naming.GENERATE and (carried := obs.carried().get((t, role))) is not None:
+        p.unrecorded[t] = carried
         return True
     p.phase = GENERATING if role == naming.GENERATE else TRAINING
     p.iteration = t
@@ -241,6 +270,9 @@ def _step(run: api.SpinRun, prefix: str, obs: Observed, lineage: Lineage, t: int
                 body["metadata"]["labels"][naming.LABEL_ATTEMPT] = str(made)
         else:
             body = manifests.train_job(run, prefix, t, made)
+            if t in p.unrecorded:
+                body["metadata"].setdefault("annotations", {})[naming.ANNOTATION_GENERATION] = json.dumps(
+                    p.unrecorded[t], sort_keys=True, separators=(",", ":"))
         p.actions.append(CreateJob(body))
         p.made[(t, role)] = made + 1
         if made:
@@ -250,6 +282,7 @@ def _step(run: api.SpinRun, prefix: str, obs: Observed, lineage: Lineage, t: int
     if why:
         p.phase, p.reason = FAILED, ("GenerationFailed" if role == naming.GENERATE else "TrainingRestartsExhausted")
         p.message = f"{final}; `spinctl resume` grants another round"
+        _record_generation(p, t)
         return False
     assert latest is not None  # made > 0 and not deleted
     if latest.state == "suspended" and not latest.stopped:
@@ -268,10 +301,23 @@ def _step(run: api.SpinRun, prefix: str, obs: Observed, lineage: Lineage, t: int
     if output is None:
         p.phase, p.reason = FAILED, "OutputMissing"
         p.message = f"{latest.name} completed but its output in storage is missing or unreadable"
+        _record_generation(p, t)
         return False
-    record = (generate_record if role == naming.GENERATE else train_record)(run, prefix, latest, output)
-    p.actions.append(RecordStep(t, role, record))
+    if role == naming.GENERATE:
+        p.unrecorded[t] = generate_record(run, prefix, latest, output)
+        if len(json.dumps(p.unrecorded[t])) > CARRIED_MAX_BYTES:  # too large for an annotation: written now
+            _record_generation(p, t)
+        return True
+    _record_generation(p, t)
+    p.actions.append(RecordStep(t, role, train_record(run, prefix, latest, output)))
     return True
+
+
+def _record_generation(p: _Progress, t: int) -> None:
+    """Write iteration t's generation record now, if it is not written yet (with its training record, or as the
+    run stops without one)."""
+    if t in p.unrecorded:
+        p.actions.append(RecordStep(t, naming.GENERATE, p.unrecorded.pop(t)))
 
 
 def _held_out_accuracy(lineage: Lineage, p: _Progress, t: int) -> float | None:
@@ -338,6 +384,7 @@ def plan(run: api.SpinRun, obs: Observed, lineage: Lineage, now: str, invalid: s
                    lineage.error or "", gen, now),
     ]
     steps = dict(lineage.steps)
+    steps.update({(t, naming.GENERATE): record for t, record in p.unrecorded.items()})
     steps.update({(a.iteration, a.role): a.record for a in p.actions if isinstance(a, RecordStep)})
     iterations = _iterations(run, obs, steps, p.iteration, p.made)
     status = {
@@ -350,7 +397,10 @@ def plan(run: api.SpinRun, obs: Observed, lineage: Lineage, now: str, invalid: s
     status["restarts"] = sum(max(0, it.get(f"{role}Attempts", 1) - 1) for it in iterations
                              for role in (naming.GENERATE, naming.TRAIN))
     events = list(p.events)
-    if p.phase != run.status.get("phase"):
+    old_phase = run.status.get("phase")
+    # An event per phase change, but not for each step of the routine Generating <-> Training: the status and
+    # the Jobs' own events say that, and two events per iteration would be a fifth of what an iteration costs.
+    if p.phase != old_phase and {p.phase, old_phase} != {GENERATING, TRAINING}:
         kind: Literal["Normal", "Warning"] = "Warning" if p.phase == FAILED else "Normal"
         events.append(Event(kind, p.phase, p.message or f"iteration {p.iteration}: {p.phase}"))
     return Plan(tuple(p.actions), status, tuple(events))
@@ -404,11 +454,15 @@ def _iterations(run: api.SpinRun, obs: Observed, steps: dict[tuple[int, str], di
                         recorded + 1 if isinstance(recorded, int) else 0)
             if count:
                 item[f"{role}Attempts"] = count
-        if gen or rec_gen:
-            item["generateJob"] = gen[-1].name if gen else (rec_gen or {}).get("job")
+        # A Job this plan creates is named now: the status written with the create needs no second write when the
+        # watch brings the Job.
+        created = {role: naming.job_name(run.name, t, role, made[(t, role)] - 1)
+                   for role in (naming.GENERATE, naming.TRAIN) if (t, role) in made}
+        if gen or rec_gen or naming.GENERATE in created:
+            item["generateJob"] = created.get(naming.GENERATE) or (gen[-1].name if gen else (rec_gen or {}).get("job"))
             item["startTime"] = (rec_gen or {}).get("started")  # from lineage: status changes only per step
-        if train or rec_train:
-            item["trainJob"] = train[-1].name if train else (rec_train or {}).get("job")
+        if train or rec_train or naming.TRAIN in created:
+            item["trainJob"] = created.get(naming.TRAIN) or (train[-1].name if train else (rec_train or {}).get("job"))
             item["restarts"] = max(0, item.get(f"{naming.TRAIN}Attempts", 1) - 1)
         if rec_train:
             item["completionTime"] = rec_train.get("finished")

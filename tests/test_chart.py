@@ -264,8 +264,6 @@ _KUEUE_WORKLOADS = ("kueue.x-k8s.io", "workloads")
 # Listed without a watch: a failed Job's pods, once, for their termination messages; the events of a Job that
 # lacks pods, for why they were refused; a Job's Kueue Workload, when a run is cancelled or resumed.
 _UNWATCHED = {("", "pods", "watch"), ("", "events", "watch"), (*_KUEUE_WORKLOADS, "watch")}
-# A SpinRuntime read (cluster-scoped): the one call whose client method names no resource _CALL can tell apart.
-_RUNTIME_GET = (re.compile(r"\.get_cluster_custom_object\("), (spin_api.GROUP, spin_api.RUNTIME_PLURAL, "get"))
 # Granted without a call of their own, each for a reason the chart's templates/rbac.yaml states.
 _EXTRA = {(spin_api.GROUP, spin_api.PLURAL, "get"), (spin_api.GROUP, f"{spin_api.PLURAL}/finalizers", "update")}
 
@@ -278,10 +276,10 @@ def controller_calls() -> set[tuple[str, str, str]]:
             verb, kind = call.groups()
             assert kind in _RESOURCES, f"{source.name}: a call on {kind!r}: map it to an RBAC rule in this test"
             arguments = text[call.end():text.index(")", call.end())]
-            resource = _KUEUE_WORKLOADS if '"workloads"' in arguments else _RESOURCES[kind]
+            resource = (_KUEUE_WORKLOADS if '"workloads"' in arguments
+                        else (spin_api.GROUP, spin_api.RUNTIME_PLURAL) if "RUNTIME_PLURAL" in arguments
+                        else _RESOURCES[kind])
             needed |= {(*resource, v) for v in _VERBS[verb]}
-        if _RUNTIME_GET[0].search(text):
-            needed.add(_RUNTIME_GET[1])
     return needed
 
 
@@ -300,8 +298,8 @@ def test_rbac_grants_exactly_what_the_controller_calls() -> None:
     namespaced = render("--set", "watchNamespace=team-a")
     crd = one(namespaced, "ClusterRole", "spin-controller-crd")["rules"]  # cluster-scoped: never in a Role
     assert crd == [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
-                    "verbs": ["get"], "resourceNames": ["spinruns.selfplay.dev"]},
-                   {"apiGroups": ["selfplay.dev"], "resources": ["spinruntimes"], "verbs": ["get"]}]
+                    "verbs": ["get"], "resourceNames": ["spinruns.selfplay.dev", "spinruntimes.selfplay.dev"]},
+                   {"apiGroups": ["selfplay.dev"], "resources": ["spinruntimes"], "verbs": ["list", "watch"]}]
     assert one(namespaced, "ClusterRoleBinding", "spin-controller-crd")["roleRef"]["name"] == "spin-controller-crd"
     assert rule_set(one(namespaced, "Role", "spin-controller")["rules"]) | rule_set(crd) == \
         rule_set(one(objects, "ClusterRole", "spin-controller")["rules"]) | rule_set(secrets)

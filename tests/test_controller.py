@@ -10,6 +10,7 @@ workers would have left in storage.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import botocore.exceptions
 import psutil
 import pytest
 import yaml
+from click.testing import CliRunner
 from invalid_specs import cases, valid
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -51,7 +53,8 @@ from support import (
 )
 
 from spin_k8s import api as spin_api
-from spin_k8s import lineage, naming
+from spin_k8s import lineage, naming, planner
+from spin_k8s.cli import main
 from spin_k8s.controller.manager import LEASE_NAME
 from spin_k8s.testing import tools
 from spin_k8s.testing.cluster import Cluster
@@ -105,7 +108,8 @@ def test_reference_run_succeeds_with_its_lineage(api: client.ApiClient, referenc
     key = f"{prefix.removeprefix(f's3://{reference.bucket}/')}/i1/model/model.safetensors"
     assert s3_server.client().head_object(Bucket=reference.bucket, Key=key)["ContentLength"]
     events = client.CoreV1Api(api).list_namespaced_event(ns, field_selector="involvedObject.name=demo").items
-    assert {"Generating", "Training", "Succeeded"} <= {e.reason for e in events}
+    # The start and the end; the routine Generating <-> Training steps are in status and the Jobs' events.
+    assert sorted(e.reason for e in events) == ["Generating", "Succeeded"]
 
 
 # -- chaos that hits the leader -------------------------------------------------------------------------------
@@ -526,6 +530,39 @@ def test_early_stop_when_the_model_can_no_longer_tell_real_from_synthetic(
     assert job_names(api, namespace, "demo") == ["demo-i0-gen", "demo-i0-train"]
     steps = lineage.load(run_store(s3_server, bucket, run))
     assert steps[(0, "train")]["metrics"]["eval"]["eval/rewards/accuracies"] == 0.625
+
+
+def test_an_iteration_is_one_lineage_write_and_its_generation_record_rides_on_the_training_job(
+        cluster: Cluster, api: client.ApiClient, crd: None, namespace: str, controllers: Controllers,
+        s3_secret: str, assets: tiny.TinyAssets, s3_server: S3Server, bucket: str) -> None:
+    """Simulated pods. The generation record goes to S3 with its iteration's training record, in one write;
+    meanwhile the training Job carries it, and `spinctl lineage` shows it from there."""
+    port = free_port()
+    controllers.start(f"--metrics-bind=127.0.0.1:{port}")
+    created = create_run(api, namespace, spin_run("demo", assets, s3_server, bucket, iterations=2, suspend=True,
+                                                  **SIMULATED))
+    write_outputs(s3_server, bucket, created, iterations=2)
+    unsuspend(api, namespace, "demo")
+    run = controllers.wait_phase(api, "demo", "Succeeded", 120)
+    assert metric(port, "spin_controller_s3_requests_total", operation="PutObject") == 2  # one per iteration
+    store = run_store(s3_server, bucket, run)
+    steps = lineage.load(store)
+    assert sorted(steps) == [(t, role) for t in (0, 1) for role in ("generate", "train")]
+    for t in (0, 1):
+        train = client.BatchV1Api(api).read_namespaced_job(f"demo-i{t}-train", namespace)
+        carried = planner.carried_generation(train.metadata.annotations)
+        assert carried == {k: v for k, v in steps[(t, "generate")].items() if k != "recorded"}
+        assert carried["job"] == f"demo-i{t}-gen" and len(carried["shards"]) == 2
+    # As the manifest was while iteration 1 trained: spinctl shows iteration 1's generation from its Job.
+    body = manifest(store)
+    del body["iterations"]["1"]
+    assert store.put(lineage.MANIFEST_KEY, json.dumps(body).encode(), etag=lineage.read(store).etag)
+    shown = CliRunner().invoke(main, ["lineage", "demo", "-o", "json", "--kubeconfig", str(cluster.kubeconfig),
+                                      "-n", namespace], catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    iterations = json.loads(shown.output)["iterations"]
+    assert sorted(iterations["1"]) == ["generate"] and iterations["1"]["generate"]["job"] == "demo-i1-gen"
+    assert iterations["0"] == body["iterations"]["0"]
 
 
 def test_kubectl_shows_iteration_phase_and_age(cluster: Cluster, reference: FinishedRun) -> None:

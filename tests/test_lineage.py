@@ -22,9 +22,11 @@ def stores(s3_server: S3Server, bucket: str, tmp_path: Path) -> list[lineage.Sto
 @pytest.mark.s3
 def test_racing_writers_lose_nothing(s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
     for store in stores(s3_server, bucket, tmp_path):
-        # 8 concurrent controllers each record a different step: every CAS loser re-reads and retries.
-        threads = [threading.Thread(target=lineage.record_step,
-                                    args=(store, RUN, {"iterations": 4}, t, role, {"job": f"j{t}{role}"}))
+        # 8 concurrent controllers each record a different step, half of them from the same stale version they
+        # read first: every compare-and-swap loser re-reads, merges and retries.
+        stale = lineage.read(store)
+        threads = [threading.Thread(target=lineage.record_steps, args=(
+            store, RUN, {"iterations": 4}, [(t, role, {"job": f"j{t}{role}"})], stale if t % 2 else None))
                    for t in range(4) for role in ("generate", "train")]
         for th in threads:
             th.start()
@@ -38,16 +40,41 @@ def test_racing_writers_lose_nothing(s3_server: S3Server, bucket: str, tmp_path:
 
 
 @pytest.mark.s3
-def test_step_records_are_written_once_and_replays_are_harmless(s3_server: S3Server, bucket: str,
-                                                                 tmp_path: Path) -> None:
+def test_a_step_is_recorded_once_and_a_known_version_is_written_in_one_request(
+        s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
     for store in stores(s3_server, bucket, tmp_path):
-        lineage.record_step(store, RUN, {}, 0, "train", {"job": "first"})
-        first = store.get(lineage.step_key(0, "train"))
-        # A replay after a crash (or a second controller) keeps the first record, in step and manifest.
-        lineage.record_step(store, RUN, {}, 0, "train", {"job": "second"})
-        assert store.get(lineage.step_key(0, "train")) == first
-        assert lineage.load(store)[(0, "train")]["job"] == "first"
-        assert not store.put(lineage.step_key(0, "train"), b"{}", etag=None)
+        first = lineage.record_steps(store, RUN, {}, [(0, "generate", {"job": "gen"})])
+        assert first.etag == lineage.read(store).etag  # the version written is the version stored
+        # A replay after a crash (or a second controller) keeps the first record.
+        again = lineage.record_steps(store, RUN, {}, [(0, "generate", {"job": "other"})], first)
+        assert again == first and lineage.load(store)[(0, "generate")]["job"] == "gen"
+        # From a known version: one write, no read; two steps in one write.
+        counted = Counting(store)
+        second = lineage.record_steps(counted, RUN, {}, [(0, "train", {"job": "t"}), (1, "generate", {"job": "g"})],
+                                      first)
+        assert counted.calls == ["put"]
+        assert lineage.read(store) == second and sorted(second.steps) == [(0, "generate"), (0, "train"),
+                                                                           (1, "generate")]
+        # From a stale version: the write is refused, the writer reads, merges, and writes again.
+        counted.calls.clear()
+        third = lineage.record_steps(counted, RUN, {}, [(1, "train", {"job": "t1"})], first)
+        assert counted.calls == ["put", "get", "put"]
+        assert sorted(third.steps) == [(0, "generate"), (0, "train"), (1, "generate"), (1, "train")]
+
+
+class Counting:
+    """A store that records the calls made to it."""
+
+    def __init__(self, store: lineage.Store) -> None:
+        self.store, self.calls = store, list[str]()
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        self.calls.append("get")
+        return self.store.get(key)
+
+    def put(self, key: str, data: bytes, *, etag: str | None) -> str | None:
+        self.calls.append("put")
+        return self.store.put(key, data, etag=etag)
 
 
 @pytest.mark.s3

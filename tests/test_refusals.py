@@ -27,6 +27,7 @@ from support import (
 )
 
 from spin_k8s import api as spin_api
+from spin_k8s.controller import crdcheck
 from spin_k8s.controller.manager import LEASE_NAME
 from spin_k8s.testing.nodeagent import HANG_ANNOTATION
 from spin_k8s.testing.processes import free_port
@@ -113,26 +114,33 @@ def test_a_deleted_attempt_is_counted_and_its_name_never_reused(
                      == ["demo-i0-gen-r2"] or None, 60)
 
 
+@pytest.mark.parametrize(("plural", "kind", "prop", "path"), [
+    (P, "SpinRun", "restarts", "status.restarts"),
+    (spin_api.RUNTIME_PLURAL, "SpinRuntime", "storage", "spec.storage")])
 def test_a_controller_refuses_to_start_on_an_older_crd_naming_what_it_lacks(
-        api: client.ApiClient, crd: None, controllers: Controllers) -> None:
+        api: client.ApiClient, crd: None, controllers: Controllers, plural: str, kind: str, prop: str,
+        path: str) -> None:
     """`helm upgrade` leaves crds/ alone: a new controller on the old CRD would lose pruned fields and rewrite
-    its status forever. The installed CRD loses one status property for the length of this test."""
+    its status forever. The installed CRD loses one property for the length of this test."""
     ext = client.ApiextensionsV1Api(api)
-    name = f"{P}.{G}"
+    name = f"{plural}.{G}"
     (version,) = [i for i, v in enumerate(ext.read_custom_resource_definition(name).spec.versions) if v.name == V]
-    path = f"/spec/versions/{version}/schema/openAPIV3Schema/properties/status/properties/restarts"
+    parent, _ = path.split(".")
+    pointer = f"/spec/versions/{version}/schema/openAPIV3Schema/properties/{parent}/properties/{prop}"
     removed = ext.read_custom_resource_definition(name).spec.versions[version].schema.open_apiv3_schema \
-        .properties["status"].properties["restarts"]
-    ext.patch_custom_resource_definition(name, [{"op": "remove", "path": path}])
+        .properties[parent].properties[prop]
+    ext.patch_custom_resource_definition(name, [{"op": "remove", "path": pointer}])
     try:
         proc = controllers.start()
         controllers.unwatch(proc)
         assert proc.popen.wait(60) == 1
         log = proc.log.read_text()
-        assert ("refusing to start: the installed SpinRun CRD is older than this controller (it lacks "
-                "status.restarts): kubectl apply --server-side") in log, log
+        lacks = ", ".join(sorted(p for p in crdcheck.property_paths(
+            spin_api.schema() if kind == "SpinRun" else spin_api.runtime_schema()) if p.startswith(path)))
+        assert (f"refusing to start: the installed {kind} CRD is older than this controller (it lacks {lacks}): "
+                "kubectl apply --server-side --force-conflicts -f charts/spin/crds/") in log, log
     finally:
-        ext.patch_custom_resource_definition(name, [{"op": "add", "path": path,
+        ext.patch_custom_resource_definition(name, [{"op": "add", "path": pointer,
                                                      "value": api.sanitize_for_serialization(removed)}])
     # With the CRD whole again, a controller starts and stays up.
     proc = controllers.start()
@@ -160,3 +168,28 @@ def test_storage_the_platform_did_not_allow_is_refused_naming_the_chart_value(
     assert identity["message"] == ("spec.storage.credentialsSecret is required: the controller uses its own identity "
                                    "nowhere (chart value storage.controllerIdentityPrefixes)")
     assert job_names(api, namespace, "elsewhere") == job_names(api, namespace, "mine") == []
+
+
+def test_storage_credentials_fixed_after_a_refusal_are_read_again_at_the_next_retry(
+        api: client.ApiClient, crd: None, namespace: str, controllers: Controllers, assets: tiny.TinyAssets,
+        s3_server: S3Server, bucket: str) -> None:
+    """The controller trusts a credentials Secret for an hour (a read per step would cost more than the step's
+    writes), except once storage refuses a request: wrong keys, then rotated ones, are read again at the next
+    retry, and the run goes on without a restart of anything."""
+    core = client.CoreV1Api(api)
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "s3"}, "stringData": {
+        "AWS_ACCESS_KEY_ID": "nobody", "AWS_SECRET_ACCESS_KEY": "wrong"}})
+    controllers.start()
+    create_run(api, namespace, spin_run("demo", assets, s3_server, bucket, iterations=1, **SIMULATED))
+
+    def refused() -> dict[str, Any] | None:
+        conditions = (get_run(api, namespace, "demo").get("status") or {}).get("conditions") or []
+        return next((c for c in conditions if c["type"] == "StorageAvailable" and c["status"] == "False"), None)
+
+    condition = controllers.wait("StorageAvailable=False", refused, 60)
+    assert "InvalidAccessKeyId" in condition["message"], condition
+    assert job_names(api, namespace, "demo") == []  # nothing starts on storage the controller cannot use
+    core.patch_namespaced_secret("s3", namespace, {"stringData": {
+        "AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
+    controllers.wait("the generation Job", lambda: job_names(api, namespace, "demo") == ["demo-i0-gen"] or None, 60)
+    assert refused() is None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 import spin_k8s
@@ -547,11 +548,36 @@ def _manifest(session: Session | None, run: dict[str, Any]) -> dict[str, Any]:
     store = lineage.open_store(prefix, endpoint=storage.get("endpoint"), region=storage.get("region", "us-east-1"),
                                credentials=creds)
     got = store.get(lineage.MANIFEST_KEY)
-    if got is None:
+    carried = _carried(session, run) if session is not None else {}
+    if got is None and not carried:
         raise click.ClickException(f"{run['metadata']['name']} has no lineage yet ({naming.manifest_uri(prefix)}): "
                                    "the first step has not finished")
-    manifest: dict[str, Any] = json.loads(got[0])
+    manifest: dict[str, Any] = json.loads(got[0]) if got is not None else {
+        "run": {k: run["metadata"][k] for k in ("name", "namespace", "uid")}, "iterations": {}}
+    for t, record in carried.items():  # what the manifest will hold once that training ends
+        manifest["iterations"].setdefault(t, {}).setdefault(naming.GENERATE, record)
     return manifest
+
+
+def _carried(session: Session, run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """By iteration, the generation records the run's training Jobs carry: the controller writes one to the
+    manifest with its iteration's training record (planner.carried_generation). Empty where this user may not
+    list Jobs."""
+    meta = run["metadata"]
+    try:
+        jobs = client.BatchV1Api(session.api).list_namespaced_job(
+            meta["namespace"], label_selector=f"{naming.LABEL_RUN_UID}={meta['uid']},"
+                                              f"{naming.LABEL_ROLE}={naming.TRAIN}").items
+    except ApiException as e:
+        if e.status != 403:
+            raise
+        return {}
+    found = {}
+    for job in jobs:
+        record = planner.carried_generation(job.metadata.annotations)
+        if record is not None:
+            found[str(record.get("iteration", job.metadata.labels.get(naming.LABEL_ITERATION)))] = record
+    return found
 
 
 @main.command(name="lineage")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import heapq
 import logging
 import math
@@ -39,6 +40,7 @@ log = logging.getLogger("spin_k8s.controller")
 Key = tuple[str, str]
 LEASE_NAME = "spin-k8s-controller"
 PAGE = 500  # objects per list page
+WORKERS = 8  # reconciles at once (--workers): each mostly waits on the API server or S3
 
 
 class RateLimiter:
@@ -320,7 +322,7 @@ def _watch(stop: threading.Event, cache: Cache, kind: str, lister: Callable[...,
 class Manager:
     def __init__(self, api_client: client.ApiClient, namespace: str | None, identity: str,
                  lease_namespace: str, leader_elect: bool = True, resync_seconds: float = 30.0,
-                 workers: int = 2, lease: LeaseTimes = LeaseTimes(), timeouts: Timeouts = Timeouts(),
+                 workers: int = WORKERS, lease: LeaseTimes = LeaseTimes(), timeouts: Timeouts = Timeouts(),
                  images: api.Images = api.DEFAULT_IMAGES, policy: StoragePolicy = LOCKED_DOWN,
                  storage_check_seconds: float = 300.0) -> None:
         self.api = api_client
@@ -364,6 +366,13 @@ class Manager:
         key = (meta.get("namespace", ""), meta.get("name", ""))
         self._known.add(key)
         self.queue.add(key)
+
+    def _on_runtime(self, obj: dict[str, Any]) -> None:
+        """A SpinRuntime changed: reconcile the runs that have not taken their copy yet (one may wait for it)."""
+        for key in list(self._known):
+            run = self.cache.get("runs", *key)
+            if run is not None and "runtime" not in (run.get("status") or {}):
+                self.queue.add(key)
 
     def _on_child(self, obj: Any) -> None:
         """A Job or Service of ours changed: reconcile its run."""
@@ -414,6 +423,8 @@ class Manager:
                                 client.CoreV1Api(self.api))
         label = f"{naming.LABEL_MANAGED_BY}={naming.MANAGER}"
         crd = {"group": api.GROUP, "version": api.VERSION, "plural": api.PLURAL}
+        # Cluster-scoped, watched even with a watched namespace: a run reads its SpinRuntime from here, no GET.
+        runtimes = functools.partial(objects.list_cluster_custom_object, api.GROUP, api.VERSION, api.RUNTIME_PLURAL)
         if self.namespace:
             ns = {"namespace": self.namespace}
             sources = [("runs", objects.list_namespaced_custom_object, {**crd, **ns}, self._on_run),
@@ -423,6 +434,7 @@ class Manager:
             sources = [("runs", objects.list_cluster_custom_object, crd, self._on_run),
                        ("jobs", batch.list_job_for_all_namespaces, {"label_selector": label}, self._on_child),
                        ("services", core.list_service_for_all_namespaces, {"label_selector": label}, self._on_child)]
+        sources.append(("runtimes", runtimes, {}, self._on_runtime))
         threads = [threading.Thread(target=_watch, args=(self.stop, self.cache, kind, lister, handler, self.timeouts),
                                     kwargs=kw, daemon=True, name=f"watch-{kind}")
                    for kind, lister, kw, handler in sources]
@@ -500,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the server ends each watch after this long; the client gives up on one silent for "
                              f"this plus the request timeout (default {Timeouts.watch})")
     parser.add_argument("--resync-seconds", type=float, default=30.0, help="re-plan every run this often")
+    parser.add_argument("--workers", type=int, default=WORKERS,
+                        help="reconciles at once; each mostly waits on the API server and S3, so more workers cut "
+                             f"the queue when many runs move together (default {WORKERS})")
     parser.add_argument("--storage-check-seconds", type=float, default=300.0,
                         help="read an idle run's lineage from storage at least this often, to see an outage "
                              "(between, it plans from what it read and wrote; default 300)")
@@ -531,8 +546,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
-    api_client = (config.new_client_from_config(config_file=kubeconfig) if kubeconfig
-                  else _incluster())
+    configuration = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    else:
+        config.load_incluster_config(client_configuration=configuration)
+    # Every worker, watch and the lease renewal hold a connection at once: a pool smaller than that (the client's
+    # default is 5 per CPU) discards connections, and each request after pays a new TLS handshake.
+    configuration.connection_pool_maxsize = args.workers + 8
+    api_client = client.ApiClient(configuration)
     refused = crdcheck.problem(api_client, args.request_timeout_seconds)
     if refused:
         log.error("refusing to start: %s", refused)
@@ -540,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics.count_requests(api_client)
     identity = f"{socket.gethostname()}-{os.getpid()}"
     manager = Manager(api_client, args.namespace, identity, args.lease_namespace, args.leader_elect,
-                      args.resync_seconds, lease=lease,
+                      args.resync_seconds, workers=args.workers, lease=lease,
                       timeouts=Timeouts(request=args.request_timeout_seconds, watch=args.watch_timeout_seconds),
                       images=api.Images(generate=args.generate_image, train=args.train_image),
                       policy=StoragePolicy(tuple(args.allowed_endpoint), tuple(args.own_identity_prefix)),
@@ -557,7 +579,3 @@ def main(argv: list[str] | None = None) -> int:
     manager.run()
     return 0
 
-
-def _incluster() -> client.ApiClient:
-    config.load_incluster_config()
-    return client.ApiClient()

@@ -56,6 +56,7 @@ def job_view(job: client.V1Job) -> planner.JobView | None:
         reason=(cond.reason or "") if cond else "", message=(cond.message or "") if cond else "",
         image=job.spec.template.spec.containers[0].image,
         stopped=naming.ANNOTATION_STOPPED in (job.metadata.annotations or {}),
+        generation=planner.carried_generation(job.metadata.annotations),
         started=status.start_time.strftime("%Y-%m-%dT%H:%M:%SZ") if status.start_time else None,
         finished=status.completion_time.strftime("%Y-%m-%dT%H:%M:%SZ") if status.completion_time else None)
 
@@ -151,27 +152,53 @@ class StoragePolicy:
         return None
 
 
+# A Job still short of pods this long after the Job controller took it up (status.startTime, set in the same sync
+# that creates the pods, whether or not they were refused) is asked why: its events listed, again at most every
+# REFUSAL_RECHECK_SECONDS. Not from the Job's creation: the Job controller of a busy cluster takes Jobs up tens of
+# seconds late (measured: 1,000 runs on 2 cores), and a list by involvedObject.uid scans the namespace's events.
 POD_GRACE_SECONDS = 5.0
+REFUSAL_RECHECK_SECONDS = 30.0
 KUEUE_GROUP = "kueue.x-k8s.io"
 KUEUE_VERSIONS = ("v1beta2", "v1beta1")  # Kueue 0.15+ stores v1beta2; older ones serve v1beta1 only
 LOCKED_DOWN = StoragePolicy()  # the default: no custom endpoint, never the controller's own identity
 
 
+def slim(obj: Any) -> Any:
+    """``obj`` as the cache keeps it: without ``metadata.managedFields`` (the server's field-ownership bookkeeping),
+    and a Job without its pod template beyond the first container's image and without its podFailurePolicy. Nothing
+    here reads them, and the cache holds every Job a run ever made: the full objects were 67 KB each as client
+    models (10,000 Jobs: 650 MB), the scale benchmark measured."""
+    if isinstance(obj, dict):
+        (obj.get("metadata") or {}).pop("managedFields", None)
+        return obj
+    obj.metadata.managed_fields = None
+    if isinstance(obj, client.V1Job) and obj.spec is not None:
+        containers = obj.spec.template.spec.containers if obj.spec.template and obj.spec.template.spec else []
+        obj.spec.template = client.V1PodTemplateSpec(spec=client.V1PodSpec(
+            containers=[client.V1Container(name=c.name, image=c.image) for c in containers[:1]]))
+        obj.spec.pod_failure_policy = None
+    return obj
+
+
 class Cache:
-    """What the watches delivered, by (namespace, name): SpinRuns as dicts, Jobs and Services as client
-    models. Reconciles read here instead of the API server; objects we create or write go in at once, so a
-    quick requeue does not miss them. Read-only for everyone but the watches and :class:`Reconciler`.
+    """What the watches delivered, by (namespace, name): SpinRuns and SpinRuntimes (namespace "") as dicts, Jobs
+    and Services as client models, each :func:`slim`. Reconciles read here instead of the API server; objects we
+    create or write go in at once, so a quick requeue does not miss them. Read-only for everyone but the watches
+    and :class:`Reconciler`. Jobs and Services are indexed by the run uid they carry: a reconcile finds its run's
+    among tens of thousands without a scan.
 
     Our own writes race the watch: the answer to a create can arrive after the watch already delivered the
     object's deletion (a user deleting a Job the moment it appears), and the answer to a status write after a
     newer version. So a put never brings back an object the watch saw deleted (its uid is remembered) and never
     replaces a newer version of the same object (resourceVersions compared where they are numbers, as etcd's)."""
 
-    KINDS = ("runs", "jobs", "services")
+    KINDS = ("runs", "jobs", "services", "runtimes")
     DELETED_KEPT = 16384  # uids of deleted objects remembered, the oldest forgotten first
 
     def __init__(self) -> None:
         self._items: dict[str, dict[tuple[str, str], Any]] = {k: {} for k in self.KINDS}
+        # kind -> (namespace, run uid) -> the keys of the objects labelled with that run uid
+        self._owned: dict[str, dict[tuple[str, str], set[tuple[str, str]]]] = {k: {} for k in self.KINDS}
         self._deleted: dict[str, None] = {}
         self._lock = threading.Lock()
         self.synced = {k: threading.Event() for k in self.KINDS}
@@ -189,10 +216,31 @@ class Cache:
             meta.uid, meta.resource_version)
         return str(uid or ""), int(rv) if isinstance(rv, str) and rv.isdigit() else None
 
+    @staticmethod
+    def _owner(key: tuple[str, str], obj: Any) -> tuple[str, str] | None:
+        labels = (obj["metadata"].get("labels") if isinstance(obj, dict) else obj.metadata.labels) or {}
+        uid = labels.get(naming.LABEL_RUN_UID)
+        return (key[0], uid) if uid else None
+
+    def _store(self, kind: str, key: tuple[str, str], obj: Any | None) -> None:
+        """Set (or, with None, drop) one object, keeping the owner index in step; under the lock."""
+        old = self._items[kind].pop(key, None)
+        if old is not None and (owner := self._owner(key, old)) is not None:
+            keys = self._owned[kind].get(owner, set())
+            keys.discard(key)
+            if not keys:
+                self._owned[kind].pop(owner, None)
+        if obj is not None:
+            self._items[kind][key] = obj
+            if (owner := self._owner(key, obj)) is not None:
+                self._owned[kind].setdefault(owner, set()).add(key)
+
     def replace(self, kind: str, objects: list[Any]) -> None:
         """A fresh list: drops what disappeared while no watch was running."""
         with self._lock:
-            self._items[kind] = {self._key(o): o for o in objects}
+            self._items[kind], self._owned[kind] = {}, {}
+            for o in objects:
+                self._store(kind, self._key(o), slim(o))
         self.synced[kind].set()
 
     def put(self, kind: str, obj: Any) -> None:
@@ -206,12 +254,12 @@ class Cache:
                 old_uid, old_rv = self._version(old)
                 if old_uid == uid and rv is not None and old_rv is not None and old_rv > rv:
                     return
-            self._items[kind][key] = obj
+            self._store(kind, key, slim(obj))
 
     def delete(self, kind: str, obj: Any) -> None:
         uid, _ = self._version(obj)
         with self._lock:
-            self._items[kind].pop(self._key(obj), None)
+            self._store(kind, self._key(obj), None)
             if uid:
                 self._deleted[uid] = None
                 if len(self._deleted) > self.DELETED_KEPT:
@@ -223,8 +271,7 @@ class Cache:
 
     def owned(self, kind: str, namespace: str, run_uid: str) -> list[Any]:
         with self._lock:
-            return [o for (ns, _), o in self._items[kind].items()
-                    if ns == namespace and (o.metadata.labels or {}).get(naming.LABEL_RUN_UID) == run_uid]
+            return [self._items[kind][key] for key in sorted(self._owned[kind].get((namespace, run_uid), ()))]
 
 
 @dataclass
@@ -249,7 +296,9 @@ class Kube:
 class Reconciler:
     """Reconciles SpinRuns by key. Holds S3 clients per credentials, nothing else between calls."""
 
-    SECRET_TTL = 60.0  # seconds a credentials Secret is trusted before it is read again
+    # Seconds a credentials Secret is trusted before it is read again. Long, because storage failing drops it at
+    # once (rotated keys are read at the next retry) and a read per step would cost more than the step's writes.
+    SECRET_TTL = 3600.0
 
     def __init__(self, kube: Kube, cache: Cache, component: str = "spin-controller",
                  images: api.Images = api.DEFAULT_IMAGES, policy: StoragePolicy = LOCKED_DOWN,
@@ -260,16 +309,19 @@ class Reconciler:
         # Whether this process may still write (a leader within its renew deadline). API writes are fenced at
         # the client (manager); lineage goes to S3, so its writes ask here.
         self.may_write = may_write
-        # Lineage as last read (monotonic time, steps), by run uid. Only this process writes a run's lineage while
-        # it leads, so an idle reconcile needs no read; storage is still read every storage_check_seconds, to
-        # see an outage (StorageAvailable) and to pick up what another leader wrote before this one took over.
+        # The lineage manifest as last read or written (monotonic time of the read, manifest), by run uid. Only
+        # this process writes a run's lineage while it leads, so an idle reconcile needs no read and a write
+        # needs no read first; storage is still read every storage_check_seconds, to see an outage
+        # (StorageAvailable) and to pick up what another leader wrote before this one took over.
         self.storage_check_seconds = storage_check_seconds
-        self._lineage: dict[str, tuple[float, dict[tuple[int, str], dict[str, Any]]]] = {}
+        self._lineage: dict[str, tuple[float, lineage.Manifest]] = {}
         self.cache = cache
         self.component = component
         self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
         # Why each failed Job failed, by Job uid: a failed Job never changes, so its pods are listed once.
         self._failures: dict[str, tuple[str, int | None]] = {}
+        # Why an active Job lacks pods, by Job uid: (monotonic time asked, the answer).
+        self._refusals: dict[str, tuple[float, str]] = {}
 
     # -- observe --------------------------------------------------------------------------------------------
     def _store(self, run: api.SpinRun) -> lineage.Store:
@@ -314,16 +366,21 @@ class Reconciler:
             message, code = self._failures[view.uid]
             return dataclasses.replace(view, pod_message=message, exit_code=code)
         status = job.status
-        created = job.metadata.creation_timestamp
-        # A Job makes its pods within a second or so: only one still short of them after POD_GRACE_SECONDS is
-        # asked why (a reconcile right after the create would otherwise list events for nothing).
-        settled = created is None or (datetime.datetime.now(datetime.UTC) - created).total_seconds() > POD_GRACE_SECONDS
-        if (view.state == "active" and settled
+        taken_up = status.start_time
+        settled = taken_up is not None and (
+            datetime.datetime.now(datetime.UTC) - taken_up).total_seconds() > POD_GRACE_SECONDS
+        if not (view.state == "active" and settled
                 and (status.active or 0) + (status.succeeded or 0) < (job.spec.completions or 1)):
+            return view
+        asked, error = self._refusals.get(view.uid, (-math.inf, ""))
+        if time.monotonic() - asked > REFUSAL_RECHECK_SECONDS:
             events = self.kube.core.list_namespaced_event(
                 namespace, field_selector=f"involvedObject.uid={view.uid}").items
-            return dataclasses.replace(view, create_error=create_error(events))
-        return view
+            error = create_error(events)
+            self._refusals[view.uid] = (time.monotonic(), error)
+            if len(self._refusals) > 4096:  # bounded: the oldest go first, and would only cost one more list
+                del self._refusals[next(iter(self._refusals))]
+        return dataclasses.replace(view, create_error=error)
 
     # -- the loop body -------------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str) -> bool:
@@ -340,30 +397,36 @@ class Reconciler:
         services = frozenset(s.metadata.name for s in self.cache.owned("services", namespace, run.uid))
         prefix = naming.run_prefix(run.spec.storage.uri, run.namespace, run.name, run.uid)
         store: lineage.Store | None = None
-        read_at, known = self._lineage.get(run.uid, (-math.inf, {}))
+        read_at, known = self._lineage.get(run.uid, (-math.inf, lineage.Manifest({}, None)))
         # The lineage this process read and wrote is the lineage (writes are fenced: no other leader wrote
         # meanwhile); storage is read for the outputs of a Job that completed, and all of it again every
         # storage_check_seconds, to see an outage.
         fresh = time.monotonic() - read_at < self.storage_check_seconds
-        if fresh and not any(j.state == "complete" and (j.iteration, j.role) not in known for j in jobs):
-            found = planner.Lineage(dict(known))
+        steps = known.steps
+        observed, invalid = planner.Observed(tuple(jobs), services), "; ".join(errors) or None
+        if fresh and not any(j.state == "complete" and (j.iteration, j.role) not in {**steps, **observed.carried()}
+                             for j in jobs):
+            found = planner.Lineage(steps)
         else:
             if not fresh:
                 self._lineage.pop(run.uid, None)
             try:
                 store = self._store(run)
                 started = time.monotonic()
-                steps = dict(known) if fresh else lineage.load(store)
-                found = planner.Lineage(steps, lineage.step_outputs(store, run, prefix, jobs, steps))
                 if not fresh:
-                    self._remember(run.uid, started, steps)
+                    known = lineage.read(store)
+                    steps = known.steps
+                found = planner.Lineage(steps, lineage.step_outputs(store, run, prefix, jobs,
+                                                                    {**steps, **observed.carried()}))
+                if not fresh:
+                    self._remember(run.uid, started, known)
             except StorageRefused as e:
                 store = None
                 found = planner.Lineage(error=str(e), error_reason=e.reason)
             except Exception as e:  # storage down or credentials wrong: say why, retry with backoff
                 store = None
+                self._secrets.pop((run.namespace, run.spec.storage.credentials_secret or ""), None)  # rotated?
                 found = planner.Lineage(error=f"{type(e).__name__}: {one_line(str(e), 300)}")
-        observed, invalid = planner.Observed(tuple(jobs), services), "; ".join(errors) or None
         plan = planner.plan(run, observed, found, _now(), invalid=invalid)
         if "runtime" not in run.status and plan.creates():
             # The run's first Job: its SpinRuntime is read now, once; the copy kept in status builds every Job.
@@ -376,9 +439,16 @@ class Reconciler:
             obj = {**obj, "status": {**(obj.get("status") or {}), "runtime": api.runtime_snapshot(runtime)}}
             run = api.parse(obj, self.images)
             plan = planner.plan(run, observed, found, _now(), invalid=invalid)
+        records = [a for a in plan.actions if isinstance(a, planner.RecordStep)]
         for action in plan.actions:
+            if isinstance(action, planner.RecordStep) and action is not records[0]:
+                continue  # written with the first: a plan's records go to storage in one manifest write
             try:
-                self._apply(run, obj, store, action)
+                if isinstance(action, planner.RecordStep):
+                    assert store is not None
+                    self._record(run, obj, store, records)
+                else:
+                    self._apply(run, obj, action)
             except Exception as e:
                 error = api_message(e)
                 self._write_status(obj, run, planner.action_failed(run, action, error, _now()))
@@ -389,18 +459,12 @@ class Reconciler:
         return bool(plan.actions) or status_changed
 
     def _runtime(self, name: str) -> dict[str, Any] | None:
-        """The SpinRuntime ``name``; None where it (or the SpinRuntime API) does not exist."""
-        try:
-            found: dict[str, Any] = self.kube.objects.get_cluster_custom_object(
-                api.GROUP, api.VERSION, api.RUNTIME_PLURAL, name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        """The SpinRuntime ``name`` as the watch last delivered it; None where it does not exist."""
+        found: dict[str, Any] | None = self.cache.get("runtimes", "", name)
         return found
 
-    def _remember(self, uid: str, read_at: float, steps: dict[tuple[int, str], dict[str, Any]]) -> None:
-        self._lineage[uid] = (read_at, steps)
+    def _remember(self, uid: str, read_at: float, manifest: lineage.Manifest) -> None:
+        self._lineage[uid] = (read_at, manifest)
         if len(self._lineage) > 8192:  # bounded: deleted runs' entries go first, and would cost one read
             del self._lineage[next(iter(self._lineage))]
 
@@ -421,20 +485,20 @@ class Reconciler:
             self._emit(obj, event)
         return True
 
-    def _apply(self, run: api.SpinRun, obj: dict[str, Any], store: lineage.Store | None,
-               action: planner.Action) -> None:
+    def _record(self, run: api.SpinRun, obj: dict[str, Any], store: lineage.Store,
+                records: list[planner.RecordStep]) -> None:
+        """Add the records to the run's lineage manifest in one write, from the version this process holds."""
+        if not self.may_write():
+            raise RuntimeError(f"lineage of iteration {records[0].iteration} {records[0].role} not written: this "
+                               "process is no longer a leader that renewed its Lease in time")
+        read_at, known = self._lineage.get(run.uid, (time.monotonic(), None))
+        stored = lineage.record_steps(store, {"name": run.name, "namespace": run.namespace, "uid": run.uid},
+                                      obj["spec"], [(r.iteration, r.role, r.record) for r in records], known)
+        self._remember(run.uid, read_at, stored)  # what storage now holds, without reading it back
+
+    def _apply(self, run: api.SpinRun, obj: dict[str, Any], action: planner.Action) -> None:
         k, ns = self.kube, run.namespace
-        if isinstance(action, planner.RecordStep):
-            assert store is not None
-            if not self.may_write():
-                raise RuntimeError(f"lineage of iteration {action.iteration} {action.role} not written: this "
-                                   "process is no longer a leader that renewed its Lease in time")
-            stored = lineage.record_step(store, {"name": run.name, "namespace": ns, "uid": run.uid}, obj["spec"],
-                                         action.iteration, action.role, action.record)
-            if run.uid in self._lineage:  # what storage now holds, without reading it back
-                read_at, steps = self._lineage[run.uid]
-                self._lineage[run.uid] = (read_at, {**steps, (action.iteration, action.role): stored})
-        elif isinstance(action, planner.CreateJob | planner.CreateService):
+        if isinstance(action, planner.CreateJob | planner.CreateService):
             body = action.body
             try:
                 if isinstance(action, planner.CreateJob):

@@ -53,14 +53,81 @@ def test_active_generation_waits() -> None:
     assert p.events == ()  # no phase change, no event
 
 
-def test_completed_generation_is_recorded_then_training_starts_in_the_same_plan() -> None:
+def carried(plan: planner.Plan) -> dict[str, Any] | None:
+    """The generation record the plan's training Job carries."""
+    (body,) = [a.body for a in plan.actions if isinstance(a, CreateJob) and "-train" in a.body["metadata"]["name"]]
+    return planner.carried_generation(body["metadata"].get("annotations"))
+
+
+def training(t: int, state: planner.JobState, record: dict[str, Any], attempt: int = 0) -> planner.JobView:
+    """A training Job as the controller sees it, with the generation record it carries."""
+    return replace(job(t, TRAIN, state, attempt), generation=record)
+
+
+def test_completed_generation_starts_training_in_the_same_plan_and_the_job_carries_its_record() -> None:
     obs = Observed((job(0, GEN, "complete"),))
     p = planner.plan(make_run(), obs, Lineage(outputs={(0, GEN): {"shards": ["x"]}}), NOW)
-    assert isinstance(p.actions[0], RecordStep)
-    assert (p.actions[0].iteration, p.actions[0].role, p.actions[0].record["shards"]) == (0, GEN, ["x"])
     assert created(p) == ["demo-train", "demo-i0-train"]  # the headless Service, then the Job
-    assert isinstance(p.actions[1], CreateService)
+    assert not any(isinstance(a, RecordStep) for a in p.actions)  # written with the training record
+    record = carried(p)
+    assert record is not None and (record["iteration"], record["role"], record["shards"]) == (0, GEN, ["x"])
+    assert record["job"] == "demo-i0-gen" and record["jobUid"] == "uid-0-generate-0"
     assert p.status["phase"] == "Training"
+
+
+def test_an_iterations_records_are_written_together_when_its_training_completes() -> None:
+    gen = planner.plan(make_run(), Observed((job(0, GEN, "complete"),)), Lineage(outputs={(0, GEN): {"shards": []}}),
+                       NOW)
+    record = carried(gen)
+    assert record is not None
+    # The generation Job may be gone by now (a TTL, a user): the training Job carries what its record needs.
+    obs = Observed((training(0, "complete", record),), SVC0)
+    p = planner.plan(make_run(status=gen.status), obs, Lineage(outputs={(0, TRAIN): {"metrics": {}}}), NOW)
+    assert [(a.iteration, a.role) for a in p.actions if isinstance(a, RecordStep)] == [(0, GEN), (0, TRAIN)]
+    assert next(a.record for a in p.actions if isinstance(a, RecordStep)) == record
+    assert created(p) == ["demo-i1-gen"]
+
+
+def test_a_gang_restart_carries_the_record_on_and_a_failed_run_writes_it() -> None:
+    record = {"iteration": 0, "role": GEN, "job": "demo-i0-gen", "shards": []}
+    obs = Observed((job(0, GEN, "complete"), training(0, "failed", record)), SVC0)
+    p = planner.plan(make_run(status={"phase": "Training"}), obs, Lineage(), NOW)
+    assert created(p) == ["demo-i0-train-r1"] and carried(p) == record
+    assert not any(isinstance(a, RecordStep) for a in p.actions)
+
+    obs = Observed((*obs.jobs, training(0, "failed", record, attempt=1)), SVC0)  # restartLimit 1: exhausted
+    p = planner.plan(make_run(status={"phase": "Training"}), obs, Lineage(), NOW)
+    assert p.status["phase"] == "Failed"
+    assert p.actions == (RecordStep(0, GEN, record),)
+    # Once written, nothing more.
+    assert planner.plan(make_run(status=p.status), obs, Lineage(steps={(0, GEN): record}), NOW).actions == ()
+
+
+def test_a_generation_record_too_large_to_carry_is_written_at_once() -> None:
+    shards = [{"uri": f"s3://b/spin/ns/demo/u-1/i0/synthetic/shard-{i:05d}-of-01024.jsonl", "sha256": "a" * 64,
+               "modelDigest": "b" * 64, "rows": 100, "engine": "vllm", "lengthStopped": 0} for i in range(1024)]
+    p = planner.plan(make_run(), Observed((job(0, GEN, "complete"),)),
+                     Lineage(outputs={(0, GEN): {"shards": shards}}), NOW)
+    assert [(a.iteration, a.role) for a in p.actions if isinstance(a, RecordStep)] == [(0, GEN)]
+    assert carried(p) is None and created(p) == ["demo-train", "demo-i0-train"]
+
+
+
+
+def test_the_status_written_with_a_create_is_the_status_once_the_watch_brings_the_job() -> None:
+    """One status write per step: the plan that creates a Job names it in status, so the reconcile the Job's
+    arrival causes finds nothing to write. Routine Generating <-> Training changes emit no event."""
+    first = planner.plan(make_run(), Observed(), Lineage(), NOW)
+    assert first.status["iterations"] == [{"iteration": 0, "generateAttempts": 1, "generateJob": "demo-i0-gen"}]
+    run = make_run(status=first.status)
+    assert planner.plan(run, Observed((job(0, GEN, "active"),)), Lineage(), NOW).status == first.status
+
+    done = planner.plan(run, Observed((job(0, GEN, "complete"),)), Lineage(outputs={(0, GEN): {"shards": []}}), NOW)
+    assert done.status["iterations"][0]["trainJob"] == "demo-i0-train" and done.events == ()
+    record = carried(done)
+    assert record is not None
+    obs = Observed((job(0, GEN, "complete"), training(0, "active", record)), SVC0)
+    assert planner.plan(make_run(status=done.status), obs, Lineage(), NOW).status == done.status
 
 
 def test_failed_gang_restarts_as_a_new_attempt_then_exhausts() -> None:
@@ -370,5 +437,5 @@ def test_lineage_records_the_image_the_job_ran_not_the_one_the_spec_names_now() 
     ran = planner.JobView("demo-i0-gen", "u", 0, GEN, 0, "complete", image="registry/generate:1.0")
     run = make_run(images={"generate": "registry/generate:2.0"})  # changed mid-run: images stay mutable
     p = planner.plan(run, Observed((ran,)), Lineage(outputs={(0, GEN): {"shards": []}}), NOW)
-    (record,) = [a.record for a in p.actions if isinstance(a, RecordStep)]
-    assert record["image"] == "registry/generate:1.0"
+    record = carried(p)
+    assert record is not None and record["image"] == "registry/generate:1.0"

@@ -47,8 +47,8 @@ def test_a_process_that_may_no_longer_write_records_no_lineage(tmp_path: Path) -
     leading = [False]
     reconciler = Reconciler(Kube(client.ApiClient()), Cache(), may_write=lambda: leading[0])
     with pytest.raises(RuntimeError, match="no longer a leader"):
-        reconciler._apply(run, obj, store, step)
+        reconciler._record(run, obj, store, [step])
     assert not (tmp_path / "store").exists()
     leading[0] = True
-    reconciler._apply(run, obj, store, step)
+    reconciler._record(run, obj, store, [step])
     assert lineage.load(store)[(0, "generate")]["role"] == "generate"
