@@ -11,7 +11,8 @@
    ``--scale-iterations`` iterations (1,000 x 5 = 10,000 Jobs, all kept: the controller's Job cache ends
    holding them all), one generation shard each so pods = Jobs (under the pod garbage collector's 12,500
    threshold). Reaction latency and the Job controller's baseline at that scale, peak RSS, CPU seconds (the
-   controller's and every server's), wall time, requests per iteration.
+   controller's and every server's), wall time, requests per iteration; then the latency phase's runs once
+   more, with the 1,000 runs and their Jobs still held.
 5. Idle runs: runs whose generation pods hang, held for a while at the controller's default settings (resync
    30 s, storage check 300 s, lease 15 s): Kubernetes + S3 requests per idle run-hour, the costs that grow with
    time (resyncs, Secret and lineage reads); lease renewals apart, per hour.
@@ -23,7 +24,8 @@ Targets: p50 < 0.2 s, p99 < 1 s (at scale too), <= 10 Kubernetes + S3 requests p
 
 Run: .venv/bin/python bench/bench_controller.py [--runs 10 --iterations 3 --concurrent 100 --idle-runs 100
      --idle-seconds 330 --scale-runs 0 --scale-iterations 5]
-Scale only: .venv/bin/python bench/bench_controller.py --runs 0 --concurrent 0 --idle-runs 0 --scale-runs 1000
+Scale only: .venv/bin/python bench/bench_controller.py --concurrent 0 --idle-runs 0 --scale-runs 1000
+(with ``--runs``, the latency phase runs again after the scale phase, every scale Job still held)
 """
 
 from __future__ import annotations
@@ -333,6 +335,14 @@ def main() -> int:
 
             if args.scale_runs:
                 scale(args, clock, servers, ctl, create, check_done, by_verb, delta, reconciles, batch)
+                if args.runs:
+                    # The latency phase again, with every scale run and Job still there: the controller's
+                    # reaction with its cache at full size, apart from the storm of 1,000 runs moving at once.
+                    run_all([f"held{i}" for i in range(args.runs)], args.iterations)
+                    latencies, baseline = reaction(clock, "held")
+                    print(f"scale: reaction latency of {args.runs} runs started after it, the scale runs' "
+                          f"{args.scale_runs * args.scale_iterations} Jobs held: {percentiles(latencies)} "
+                          f"(target p99 < 1); the Job controller: {percentiles(baseline)}")
 
             if args.idle_runs:
                 idle = [f"idle{i}" for i in range(args.idle_runs)]

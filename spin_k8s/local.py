@@ -555,10 +555,17 @@ def run(obj: dict[str, Any], workdir: Path, *, on_event: Callable[[str], None] |
                 ex.progress()
                 jobs = tuple(j.view() for j in ex.jobs.values())
                 try:
-                    steps = lineage.load(store)
-                    carried = planner.Observed(jobs).carried()
-                    found = planner.Lineage(steps, lineage.step_outputs(store, spinrun, prefix, jobs,
-                                                                        {**steps, **carried}))
+                    manifest = lineage.read(store)
+                    steps = manifest.steps
+                    # A training Job carries its generation record (the controller saves a write with it); here
+                    # no request is saved, and an interrupted run's lineage should show what it finished.
+                    carried = [(t, role, r) for (t, role), r in planner.Observed(jobs).carried().items()
+                               if (t, role) not in steps]
+                    if carried:
+                        steps = lineage.record_steps(store, identity, defaulted["spec"], carried, manifest).steps
+                        for t, role, _ in carried:
+                            emit(f"recorded iteration {t} {role} in {naming.manifest_uri(prefix)}")
+                    found = planner.Lineage(steps, lineage.step_outputs(store, spinrun, prefix, jobs, steps))
                 except Exception as e:  # storage down: the status says why; the next pass retries
                     found = planner.Lineage(error=f"{type(e).__name__}: {str(e)[:300]}")
                 if found.error != storage_error:  # say so once when storage goes away and once when it is back

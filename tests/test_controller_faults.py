@@ -230,9 +230,9 @@ def test_watches_resume_where_they_ended_without_listing_again(namespace: str, c
                                                                controllers: Controllers) -> None:
     """The server ends each watch after 2 s here; each is started again from the last resourceVersion it saw
     (an event's or a bookmark's), not from a new list: with nothing in the namespace and no Lease, the only GETs
-    are the three first lists, however many watches ran."""
+    are the four first lists (runs, Jobs, Services, runtimes), however many watches ran."""
     port = free_port()
     controllers.start("--no-leader-elect", "--watch-timeout-seconds=2", f"--metrics-bind=127.0.0.1:{port}")
     controllers.wait("every watch to be resumed twice", lambda: metric(
-        port, "spin_controller_api_requests_total", verb="WATCH") >= 9, 60)
-    assert metric(port, "spin_controller_api_requests_total", verb="GET") == 3
+        port, "spin_controller_api_requests_total", verb="WATCH") >= 12, 60)
+    assert metric(port, "spin_controller_api_requests_total", verb="GET") == 4

@@ -199,7 +199,6 @@ def test_node_crash_restarts_the_gang_and_ctrl_c_resumes_without_redoing_steps(
         == ["demo-i0-gen", "demo-i0-train", "demo-i0-train-r1"]
     steps = lineage.load(lineage.open_store(prefix))
     assert sorted(steps) == [(0, naming.GENERATE), (0, naming.TRAIN)]
-    assert sorted(p.name for p in (local_path(prefix) / "steps").iterdir()) == ["i0-generate.json", "i0-train.json"]
     assert (steps[(0, naming.TRAIN)]["job"], steps[(0, naming.TRAIN)]["restarts"]) == ("demo-i0-train-r1", 1)
     assert result.status["iterations"][0]["restarts"] == 1
     assert steps[(0, naming.TRAIN)]["metrics"]["world_size"] == 2  # nodes x nproc

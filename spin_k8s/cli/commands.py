@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 import spin_k8s
@@ -565,7 +564,7 @@ def _carried(session: Session, run: dict[str, Any]) -> dict[str, dict[str, Any]]
     list Jobs."""
     meta = run["metadata"]
     try:
-        jobs = client.BatchV1Api(session.api).list_namespaced_job(
+        jobs = session.batch.list_namespaced_job(
             meta["namespace"], label_selector=f"{naming.LABEL_RUN_UID}={meta['uid']},"
                                               f"{naming.LABEL_ROLE}={naming.TRAIN}").items
     except ApiException as e:
