@@ -334,14 +334,14 @@ def main() -> int:
                       f"peak RSS {peak / 2**20:.0f} MiB (target < 300), CPU {cpu:.1f} s")
 
             if args.scale_runs:
-                scale(args, clock, servers, ctl, create, check_done, by_verb, delta, reconciles, batch)
+                held = scale(args, clock, servers, ctl, create, check_done, by_verb, delta, reconciles, batch)
                 if args.runs:
                     # The latency phase again, with every scale run and Job still there: the controller's
                     # reaction with its cache at full size, apart from the storm of 1,000 runs moving at once.
                     run_all([f"held{i}" for i in range(args.runs)], args.iterations)
                     latencies, baseline = reaction(clock, "held")
-                    print(f"scale: reaction latency of {args.runs} runs started after it, the scale runs' "
-                          f"{args.scale_runs * args.scale_iterations} Jobs held: {percentiles(latencies)} "
+                    print(f"scale: reaction latency of {args.runs} runs started after it, the {args.scale_runs} "
+                          f"scale runs and their {held} Jobs held: {percentiles(latencies)} "
                           f"(target p99 < 1); the Job controller: {percentiles(baseline)}")
 
             if args.idle_runs:
@@ -375,8 +375,8 @@ def main() -> int:
 
 
 def scale(args: argparse.Namespace, clock: JobClock, servers: dict[str, psutil.Process], ctl: psutil.Process,
-          create: Any, check_done: Any, by_verb: Any, delta: Any, reconciles: Any, batch: client.BatchV1Api) -> None:
-    """Phase 4: ``--scale-runs`` runs at once, every Job kept."""
+          create: Any, check_done: Any, by_verb: Any, delta: Any, reconciles: Any, batch: client.BatchV1Api) -> int:
+    """Phase 4: ``--scale-runs`` runs at once, every Job kept; how many Jobs of ours the namespace holds after."""
     n, iterations = args.scale_runs, args.scale_iterations
     names = [f"scale{i}" for i in range(n)]
     cpu_before = {name: _cpu(p) for name, p in servers.items()}
@@ -427,6 +427,7 @@ def scale(args: argparse.Namespace, clock: JobClock, servers: dict[str, psutil.P
     print("scale: CPU seconds by process (2 cores): "
           + ", ".join(f"{name} {c:.0f}" for name, c in sorted(cpu.items(), key=lambda kv: -kv[1])))
     print_requests(spent, n * iterations, wall)
+    return held
 
 
 def _cpu(p: psutil.Process) -> float:
