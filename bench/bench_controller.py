@@ -177,6 +177,22 @@ def reaction(clock: JobClock, prefix: str) -> tuple[list[float], list[float]]:
     return latencies, baseline
 
 
+def own_share(before: dict[str, float], after: dict[str, float]) -> str:
+    """The controller's own share of its reactions over an interval, from two scrapes of its /metrics: how long a
+    due run waited for a worker, and how long its reconcile took, p50 and p99 as the histogram buckets bound them
+    (the API server's share is the rest: watch delivery, and the time it takes to answer)."""
+    shown = []
+    for name, what in (("spin_controller_queue_wait_seconds", "queue wait"),
+                       ("spin_controller_reconcile_seconds", "reconcile")):
+        prefix = f'{name}_bucket{{le="'
+        grown = sorted((float(k[len(prefix):-2]), v - before.get(k, 0.0)) for k, v in after.items()
+                       if k.startswith(prefix))
+        total = grown[-1][1] if grown else 0.0
+        bound = {q: next((b for b, c in grown if c >= q * total), float("inf")) for q in (0.5, 0.99)}
+        shown.append(f"{what} p50 <= {bound[0.5]:g} s, p99 <= {bound[0.99]:g} s over {total:.0f}")
+    return "; ".join(shown)
+
+
 def print_requests(spent: dict[str, float], iterations: int, seconds: float) -> None:
     """The runs' requests per iteration (everything but leases), by resource and verb; lease renewals per hour."""
     runs = {k: c for k, c in spent.items() if not k.startswith("leases ")}
@@ -304,11 +320,11 @@ def main() -> int:
                 c for k, c in by_verb().items() if k.endswith(" WATCH")) >= 4, 60)
             clock = JobClock(batch, core)
             if args.runs:
-                before, started = by_verb(), time.monotonic()
+                before, started, scraped = by_verb(), time.monotonic(), scrape()
                 run_all([f"lat{i}" for i in range(args.runs)], args.iterations)
                 latencies, baseline = reaction(clock, "lat")
                 print(f"reaction latency over {len(latencies)} transitions: {percentiles(latencies)} "
-                      "(targets 0.2 / 1.0)")
+                      f"(targets 0.2 / 1.0); the controller's own share: {own_share(scraped, scrape())}")
                 print(f"baseline, the Job controller (last pod Succeeded -> Job Complete): {percentiles(baseline)}; "
                       f"ratio ours / Job controller at p50: "
                       f"{statistics.median(latencies) / statistics.median(baseline):.2f}")
@@ -334,15 +350,18 @@ def main() -> int:
                       f"peak RSS {peak / 2**20:.0f} MiB (target < 300), CPU {cpu:.1f} s")
 
             if args.scale_runs:
-                held = scale(args, clock, servers, ctl, create, check_done, by_verb, delta, reconciles, batch)
+                held = scale(args, clock, servers, ctl, create, check_done, by_verb, delta, reconciles, batch,
+                             scrape)
                 if args.runs:
+                    scraped = scrape()
                     # The latency phase again, with every scale run and Job still there: the controller's
                     # reaction with its cache at full size, apart from the storm of 1,000 runs moving at once.
                     run_all([f"held{i}" for i in range(args.runs)], args.iterations)
                     latencies, baseline = reaction(clock, "held")
                     print(f"scale: reaction latency of {args.runs} runs started after it, the {args.scale_runs} "
                           f"scale runs and their {held} Jobs held: {percentiles(latencies)} "
-                          f"(target p99 < 1); the Job controller: {percentiles(baseline)}")
+                          f"(target p99 < 1); the Job controller: {percentiles(baseline)}; the controller's own "
+                          f"share: {own_share(scraped, scrape())}")
 
             if args.idle_runs:
                 idle = [f"idle{i}" for i in range(args.idle_runs)]
@@ -375,7 +394,8 @@ def main() -> int:
 
 
 def scale(args: argparse.Namespace, clock: JobClock, servers: dict[str, psutil.Process], ctl: psutil.Process,
-          create: Any, check_done: Any, by_verb: Any, delta: Any, reconciles: Any, batch: client.BatchV1Api) -> int:
+          create: Any, check_done: Any, by_verb: Any, delta: Any, reconciles: Any, batch: client.BatchV1Api,
+          scrape: Any) -> int:
     """Phase 4: ``--scale-runs`` runs at once, every Job kept; how many Jobs of ours the namespace holds after."""
     n, iterations = args.scale_runs, args.scale_iterations
     names = [f"scale{i}" for i in range(n)]
@@ -390,7 +410,7 @@ def scale(args: argparse.Namespace, clock: JobClock, servers: dict[str, psutil.P
                 peak = max(peak, ctl.memory_info().rss)
 
     threading.Thread(target=sample, daemon=True).start()
-    before, reconciled, started = by_verb(), reconciles(), time.monotonic()
+    before, reconciled, started, scraped = by_verb(), reconciles(), time.monotonic(), scrape()
     with concurrent.futures.ThreadPoolExecutor(args.scale_creators) as pool:
         for future in [pool.submit(create, name, iterations, args.scale_shards) for name in names]:
             future.result()
@@ -407,7 +427,7 @@ def scale(args: argparse.Namespace, clock: JobClock, servers: dict[str, psutil.P
               f"{ctl.memory_info().rss / 2**20:.0f} MiB, CPU {sum(ctl.cpu_times()[:2]):.0f} s", file=sys.stderr)
     wall = time.monotonic() - started
     stop.set()
-    spent, reconciled = delta(before, by_verb()), delta(reconciled, reconciles())
+    spent, reconciled, share = delta(before, by_verb()), delta(reconciled, reconciles()), own_share(scraped, scrape())
     cpu = {name: _cpu(p) - cpu_before[name] for name, p in servers.items()}
     label = f"{naming.LABEL_MANAGED_BY}={naming.MANAGER}"
     held, token = 0, None
@@ -422,6 +442,7 @@ def scale(args: argparse.Namespace, clock: JobClock, servers: dict[str, psutil.P
           f"the controller's Job cache holds them), done in {wall:.0f} s ({n * iterations / wall:.1f} iterations/s)")
     print(f"scale: reaction latency over {len(latencies)} transitions: {percentiles(latencies)} (target p99 < 1)")
     print(f"scale: baseline, the Job controller (last pod Succeeded -> Job Complete): {percentiles(baseline)}")
+    print(f"scale: the controller's own share: {share}")
     print(f"scale: controller peak RSS {peak / 2**20:.0f} MiB (target < 500), CPU {cpu['controller']:.0f} s; "
           f"reconciles {dict(sorted(reconciled.items()))}")
     print("scale: CPU seconds by process (2 cores): "

@@ -101,6 +101,7 @@ class WorkQueue:
                 wait = self._heap[0][0] - time.monotonic() if self._heap else 1.0
                 if self._heap and wait <= 0:
                     _, key = heapq.heappop(self._heap)
+                    metrics.observe("spin_controller_queue_wait_seconds", -wait)
                     del self._due[key]
                     self._processing.add(key)
                     return key
@@ -391,6 +392,7 @@ class Manager:
                 self.queue.done(key)
 
     def _reconcile(self, key: Key) -> None:
+        started = time.monotonic()
         try:
             changed = self.reconciler.reconcile(*key)
         except Exception as e:
@@ -400,6 +402,8 @@ class Manager:
             log.warning("reconcile %s/%s failed (retry in %.1fs): %s", *key, delay, e)
             self.queue.add_rate_limited(key, delay)
             return
+        finally:
+            metrics.observe("spin_controller_reconcile_seconds", time.monotonic() - started)
         metrics.inc("spin_controller_reconciles_total", result="changed" if changed else "ok")
         self._failures.pop(key, None)
         if changed:

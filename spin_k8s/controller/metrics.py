@@ -1,11 +1,14 @@
-"""The controller's Prometheus metrics: counters kept in-process and served as text on ``/metrics``, and
-``/healthz`` for probes (500 when the controller says it is unhealthy: a leader past its renew deadline).
-Counting API requests at the client's one exit point tells how many requests an iteration costs, the
-figure the benchmark reports."""
+"""The controller's Prometheus metrics: counters and histograms kept in-process and served as text on
+``/metrics``, and ``/healthz`` for probes (500 when the controller says it is unhealthy: a leader past its renew
+deadline). Counting API requests at the client's one exit point tells how many requests an iteration costs, the
+figure the benchmark reports; the queue-wait and reconcile-time histograms tell the controller's own share of a
+reaction from the API server's."""
 
 from __future__ import annotations
 
+import bisect
 import http.server
+import itertools
 import threading
 import urllib.parse
 from collections import Counter
@@ -14,6 +17,8 @@ from typing import Any
 
 _lock = threading.Lock()
 _counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+_histograms: dict[str, list[float]] = {}  # by name: a count per bucket of BUCKETS and +Inf, then the sum
+BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _HELP = {
     "spin_controller_api_requests_total": "Requests the controller sent to the Kubernetes API, by HTTP method "
                                           "(WATCH for a watch) and resource (leases apart from the runs' own).",
@@ -21,6 +26,10 @@ _HELP = {
     "spin_controller_s3_requests_total": "Requests the controller sent to S3 (lineage reads and writes), by operation.",
     "spin_controller_fenced_requests_total": "Writes refused before they were sent: not a leader that renewed "
                                              "its Lease in time, by verb.",
+}
+_HISTOGRAM_HELP = {
+    "spin_controller_queue_wait_seconds": "How long a run, due for a reconcile, waited for a free worker.",
+    "spin_controller_reconcile_seconds": "How long a reconcile took (its API and S3 requests included).",
 }
 
 
@@ -36,10 +45,26 @@ def value(name: str, **labels: str) -> int:
         return sum(v for (n, ls), v in _counters.items() if n == name and want <= set(ls))
 
 
+def observe(name: str, seconds: float) -> None:
+    assert name in _HISTOGRAM_HELP, name
+    with _lock:
+        counts = _histograms.setdefault(name, [0.0] * (len(BUCKETS) + 2))
+        counts[bisect.bisect_left(BUCKETS, seconds)] += 1  # the first bucket whose bound is >= seconds
+        counts[-1] += seconds
+
+
 def render() -> str:
     lines = []
     with _lock:
         items = sorted(_counters.items())
+        histograms = {name: list(counts) for name, counts in _histograms.items()}
+    for name, help_text in sorted(_HISTOGRAM_HELP.items()):
+        counts = histograms.get(name) or [0.0] * (len(BUCKETS) + 2)
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        cumulative = list(itertools.accumulate(counts[:-1]))
+        bounds = [*BUCKETS, "+Inf"]
+        lines += [f'{name}_bucket{{le="{b}"}} {c:.0f}' for b, c in zip(bounds, cumulative, strict=True)]
+        lines += [f"{name}_sum {counts[-1]}", f"{name}_count {cumulative[-1]:.0f}"]
     for name in sorted({n for (n, _), _ in items} | set(_HELP)):
         lines += [f"# HELP {name} {_HELP.get(name, name)}", f"# TYPE {name} counter"]
         for (n, labels), v in items:

@@ -1,7 +1,9 @@
-"""The request counter's resource label: leases (a fixed cost per controller) apart from the runs' own requests."""
+"""The request counter's resource label (leases, a fixed cost per controller, apart from the runs' own
+requests), and the histograms as Prometheus reads them."""
 
 import pytest
 
+from spin_k8s.controller import metrics
 from spin_k8s.controller.metrics import resource_of
 
 
@@ -16,3 +18,21 @@ from spin_k8s.controller.metrics import resource_of
 ])
 def test_the_resource_of_an_api_url(url: str, resource: str) -> None:
     assert resource_of(url) == resource
+
+
+def _series(name: str) -> dict[str, float]:
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.render().splitlines()
+            if line.startswith(name + "_")}
+
+
+def test_a_histogram_counts_each_value_in_every_bucket_at_or_above_it() -> None:
+    name = "spin_controller_queue_wait_seconds"
+    before = _series(name)
+    for seconds in (0.003, 0.2, 0.25, 100.0):
+        metrics.observe(name, seconds)
+    grown = {k: v - before.get(k, 0.0) for k, v in _series(name).items()}
+    assert [grown[f'{name}_bucket{{le="{b}"}}'] for b in ("0.001", "0.005", "0.1", "0.25", "60.0", "+Inf")] == [
+        0, 1, 1, 3, 3, 4]
+    assert grown[f"{name}_count"] == 4
+    assert grown[f"{name}_sum"] == pytest.approx(100.453)
+    assert f"# TYPE {name} histogram" in metrics.render()
