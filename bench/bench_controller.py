@@ -421,9 +421,9 @@ def scale(args: argparse.Namespace, clock: JobClock, servers: dict[str, psutil.P
         assert time.monotonic() < deadline, f"the scale runs did not finish: {succeeded} of {n} succeeded"
         time.sleep(10)
         done, succeeded = check_done(names)
-        jobs = sum(1 for j in clock.added if j.startswith("scale"))
+        jobs = sum(1 for j in list(clock.added) if j.startswith("scale"))
         print(f"{time.monotonic() - started:7.1f}s {succeeded}/{n} runs succeeded, {jobs} Jobs, "
-              f"{sum(1 for j in clock.complete if j.startswith('scale'))} complete, controller RSS "
+              f"{sum(1 for j in list(clock.complete) if j.startswith('scale'))} complete, controller RSS "
               f"{ctl.memory_info().rss / 2**20:.0f} MiB, CPU {sum(ctl.cpu_times()[:2]):.0f} s", file=sys.stderr)
     wall = time.monotonic() - started
     stop.set()

@@ -40,7 +40,7 @@ log = logging.getLogger("spin_k8s.controller")
 Key = tuple[str, str]
 LEASE_NAME = "spin-k8s-controller"
 PAGE = 500  # objects per list page
-WORKERS = 8  # reconciles at once (--workers): each mostly waits on the API server or S3
+WORKERS = 32  # reconciles at once (--workers): each mostly waits on the API server or S3
 
 
 class RateLimiter:
@@ -85,6 +85,12 @@ class WorkQueue:
             self._due[key] = due
             heapq.heappush(self._heap, (due, key))
             self._cv.notify()
+
+    def add_spread(self, keys: list[Key], seconds: float) -> None:
+        """Keys due one after another over ``seconds`` (a resync): a thousand runs due at once would hold up
+        every reaction queued behind them. An event for one of them makes it due at once, as :meth:`add` does."""
+        for i, key in enumerate(keys):
+            self.add(key, i * seconds / len(keys))
 
     def add_rate_limited(self, key: Key, delay: float = 0.0) -> None:
         """A requeue the controller asks for itself (a retry, more to do): no sooner than ``delay`` nor than the
@@ -411,8 +417,7 @@ class Manager:
 
     def _resync(self) -> None:
         while not self.stop.wait(self.resync_seconds):
-            for key in list(self._known):
-                self.queue.add(key)
+            self.queue.add_spread(list(self._known), self.resync_seconds)
 
     def run(self) -> None:
         """Reconcile until :attr:`stop` is set (SIGTERM), then let the workers finish and release the Lease."""

@@ -21,6 +21,17 @@ def test_a_key_is_queued_once_at_its_earliest_due_time() -> None:
     assert q.get(stop) is None  # nothing left
 
 
+def test_a_resync_spreads_its_keys_over_the_period_and_an_event_still_goes_first() -> None:
+    q = WorkQueue()
+    q.add_spread([("ns", "a"), ("ns", "b"), ("ns", "c")], 60)  # due at 0, 20 and 40 s
+    assert q.get(STOP) == ("ns", "a")
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    assert q.get(stop) is None  # b and c are not due yet
+    q.add(("ns", "c"))  # an event for c
+    assert q.get(STOP) == ("ns", "c")
+
+
 def test_a_key_in_progress_is_not_handed_out_again_until_done() -> None:
     q = WorkQueue()
     q.add(("ns", "a"))
