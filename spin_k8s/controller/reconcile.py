@@ -404,8 +404,9 @@ class Reconciler:
         fresh = time.monotonic() - read_at < self.storage_check_seconds
         steps = known.steps
         observed, invalid = planner.Observed(tuple(jobs), services), "; ".join(errors) or None
-        if fresh and not any(j.state == "complete" and (j.iteration, j.role) not in {**steps, **observed.carried()}
-                             for j in jobs):
+        carried = observed.carried()
+        if fresh and not any(j.state == "complete" and (j.iteration, j.role) not in steps
+                             and (j.iteration, j.role) not in carried for j in jobs):
             found = planner.Lineage(steps)
         else:
             if not fresh:
@@ -416,8 +417,7 @@ class Reconciler:
                 if not fresh:
                     known = lineage.read(store)
                     steps = known.steps
-                found = planner.Lineage(steps, lineage.step_outputs(store, run, prefix, jobs,
-                                                                    {**steps, **observed.carried()}))
+                found = planner.Lineage(steps, lineage.step_outputs(store, run, prefix, jobs, {**steps, **carried}))
                 if not fresh:
                     self._remember(run.uid, started, known)
             except StorageRefused as e:
