@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -178,6 +178,18 @@ def slim(obj: Any) -> Any:
             containers=[client.V1Container(name=c.name, image=c.image) for c in containers[:1]]))
         obj.spec.pod_failure_policy = None
     return obj
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def keep(memo: dict[K, V], key: K, value: V, limit: int) -> None:
+    """Remember ``value`` in a memo of API or S3 answers bounded to ``limit`` entries, the oldest dropped first:
+    a forgotten entry (most often a deleted run's) costs one more request, never a wrong answer."""
+    memo[key] = value
+    if len(memo) > limit:
+        del memo[next(iter(memo))]
 
 
 class Cache:
@@ -360,9 +372,7 @@ class Reconciler:
             if view.uid not in self._failures:
                 pods = self.kube.core.list_namespaced_pod(
                     namespace, label_selector=f"batch.kubernetes.io/controller-uid={view.uid}").items
-                self._failures[view.uid] = failure_of(pods, view.role)
-                if len(self._failures) > 4096:  # bounded: the oldest go first, and would only cost one more list
-                    del self._failures[next(iter(self._failures))]
+                keep(self._failures, view.uid, failure_of(pods, view.role), 4096)
             message, code = self._failures[view.uid]
             return dataclasses.replace(view, pod_message=message, exit_code=code)
         status = job.status
@@ -377,9 +387,7 @@ class Reconciler:
             events = self.kube.core.list_namespaced_event(
                 namespace, field_selector=f"involvedObject.uid={view.uid}").items
             error = create_error(events)
-            self._refusals[view.uid] = (time.monotonic(), error)
-            if len(self._refusals) > 4096:  # bounded: the oldest go first, and would only cost one more list
-                del self._refusals[next(iter(self._refusals))]
+            keep(self._refusals, view.uid, (time.monotonic(), error), 4096)
         return dataclasses.replace(view, create_error=error)
 
     # -- the loop body -------------------------------------------------------------------------------------
@@ -464,9 +472,7 @@ class Reconciler:
         return found
 
     def _remember(self, uid: str, read_at: float, manifest: lineage.Manifest) -> None:
-        self._lineage[uid] = (read_at, manifest)
-        if len(self._lineage) > 8192:  # bounded: deleted runs' entries go first, and would cost one read
-            del self._lineage[next(iter(self._lineage))]
+        keep(self._lineage, uid, (read_at, manifest), 8192)
 
     def _write_status(self, obj: dict[str, Any], run: api.SpinRun, plan: planner.Plan) -> bool:
         """Write the plan's status if it differs from the run's, then the events it describes; False when
